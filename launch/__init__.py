@@ -1,0 +1,1 @@
+"""Command-line entry points (run from a checkout: ``python -m launch.NAME``)."""

@@ -1,0 +1,176 @@
+"""Memory and speed of every gradient strategy on the weight-tied toy problem.
+
+    python -m launch.benchmark [--depths 1,4,16] [--steps 2,4,8] [--out DIR]
+
+For each strategy x T x depth M it compiles the meta-gradient once and reports
+XLA's compiled temp memory (split into static and dynamic, see
+`metaflow.memory`), the ratio standard/strategy, the compile time and the
+median wall-clock time of a meta-gradient step after warm-up, with the ratio of
+that time to standard's measured in the same run. Writes ``benchmark.json``
+and, when matplotlib is installed, ``benchmark.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+import metaflow
+from tasks.weight_tied import WeightTiedProblem
+
+_MIB = 2.0**20
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers, got {text!r}") from None
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(
+        f"expected positive integers, got {text!r}")
+  return values
+
+
+def _strategy_list(text: str) -> list[metaflow.Strategy]:
+  try:
+    return [metaflow.Strategy.parse(s) for s in text.split(",") if s.strip()]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m launch.benchmark",
+      description="Compiled memory and step time of each gradient strategy.")
+  p.add_argument("--strategies", type=_strategy_list,
+                 default=list(metaflow.all_strategies()),
+                 help="comma-separated strategies (default: all): "
+                 + ", ".join(metaflow.valid_strategy_names()))
+  p.add_argument("--steps", type=_int_list, default=[2, 4, 8],
+                 help="inner steps T (default 2,4,8)")
+  p.add_argument("--depths", type=_int_list, default=[1, 4, 16],
+                 help="depths M of the weight-tied network (default 1,4,16)")
+  p.add_argument("--width", type=int, default=128, help="layer width d")
+  p.add_argument("--batch", type=int, default=128, help="inner batch size B")
+  p.add_argument("--repeats", type=int, default=20,
+                 help="timed runs per configuration (median reported)")
+  p.add_argument("--out", default="benchmark_results",
+                 help="folder for benchmark.json and benchmark.png")
+  args = p.parse_args(argv)
+  if args.width < 1 or args.batch < 1 or args.repeats < 1:
+    p.error("--width, --batch and --repeats must be positive")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    p.error(f"--out {args.out!r} exists and is not a folder")
+  standard = metaflow.Strategy("standard")
+  if standard not in args.strategies:  # ratios are relative to standard
+    args.strategies.insert(0, standard)
+  return args
+
+
+def measure(problem: WeightTiedProblem, strategy: metaflow.Strategy,
+            repeats: int) -> dict:
+  """Compiles and times one configuration; returns one row of the table."""
+  eta, inner_batches, outer_batch = problem.example()
+  fn = metaflow.meta_value_and_grad(
+      problem.inner_loss, problem.outer_loss, problem.optimizer,
+      problem.num_steps, strategy, init_params=problem.init_params)
+  args = (eta, None, inner_batches, outer_batch)
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  mem = metaflow.memory.report(compiled, fn.static_bytes(*args))
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return {"strategy": strategy.name, "T": problem.num_steps,
+          "M": problem.depth, "width": problem.width, "batch": problem.batch,
+          "compile_s": compile_s, "step_s_median": statistics.median(times),
+          **mem.as_dict()}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+  rows = []
+  header = (f"{'strategy':34s} {'T':>2s} {'M':>3s} {'temp MiB':>9s} "
+            f"{'static':>7s} {'dynamic':>8s} {'std/this':>8s} "
+            f"{'compile s':>9s} {'step ms':>8s} {'time/std':>8s}")
+  print(header)
+  print("-" * len(header))
+  for num_steps in args.steps:
+    for depth in args.depths:
+      problem = WeightTiedProblem(depth=depth, width=args.width,
+                                  batch=args.batch, num_steps=num_steps)
+      group = [measure(problem, s, args.repeats) for s in args.strategies]
+      std = next(r for r in group if r["strategy"] == "standard")
+      for r in group:
+        r["memory_ratio_vs_standard"] = std["temp_bytes"] / r["temp_bytes"]
+        r["time_ratio_vs_standard"] = r["step_s_median"] / std["step_s_median"]
+        print(f"{r['strategy']:34s} {num_steps:2d} {depth:3d} "
+              f"{r['temp_bytes'] / _MIB:9.2f} {r['static_bytes'] / _MIB:7.2f} "
+              f"{r['dynamic_bytes'] / _MIB:8.2f} "
+              f"{r['memory_ratio_vs_standard']:7.2f}x "
+              f"{r['compile_s']:9.2f} {r['step_s_median'] * 1e3:8.2f} "
+              f"{r['time_ratio_vs_standard']:8.2f}", flush=True)
+      rows += group
+  return rows
+
+
+def plot(rows: list[dict], path: str) -> bool:
+  """Temp memory against depth M, one panel per T. False without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  steps = sorted({r["T"] for r in rows})
+  fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps), 4),
+                           squeeze=False, sharey=True)
+  for ax, t in zip(axes[0], steps):
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+      pts = sorted((r["M"], r["temp_bytes"] / _MIB) for r in rows
+                   if r["T"] == t and r["strategy"] == name)
+      ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(title=f"T = {t}", xlabel="depth M", xscale="log", yscale="log")
+  axes[0][0].set_ylabel("compiled temp memory (MiB)")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  print(f"metaflow benchmark on {jax.devices()[0].platform} "
+        f"(jax {jax.__version__}); weight-tied network, width {args.width}, "
+        f"batch {args.batch}; median of {args.repeats} steps after warm-up")
+  rows = run(args)
+  os.makedirs(args.out, exist_ok=True)
+  result = {"jax": jax.__version__, "backend": jax.devices()[0].platform,
+            "machine": platform.machine(), "rows": rows}
+  json_path = os.path.join(args.out, "benchmark.json")
+  with open(json_path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {json_path}")
+  png_path = os.path.join(args.out, "benchmark.png")
+  if plot(rows, png_path):
+    print(f"wrote {png_path}")
+  else:
+    print("matplotlib is not installed: no plot written")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,87 @@
+"""The inner gradient and its two differentiation rules (standard and MixFlow-MG).
+
+One inner step needs the inner loss and its gradient,
+
+    (L_t, g_t) = (L(theta_t, eta, x_t), grad_theta L(theta_t, eta, x_t)),
+
+and the meta-gradient back-propagates through ``g_t``. `inner_value_and_grad`
+returns the function that computes ``(L_t, g_t)``; only the way the outer
+reverse pass differentiates it depends on the strategy's mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+PyTree = Any
+Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
+ValueAndGrad = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, PyTree]]
+
+
+def standard_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
+  """``(theta, eta, x) -> (L, grad_theta L)`` by plain ``jax.value_and_grad``.
+
+  Differentiating it again in reverse mode is reverse-over-reverse: every
+  intermediate of the inner backward pass becomes a residual of the outer one.
+  """
+  return jax.value_and_grad(inner_loss, argnums=0)
+
+
+def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
+  r"""``(theta, eta, x) -> (L, grad_theta L)`` with MixFlow-MG's custom VJP.
+
+  Shapes: ``theta`` and ``eta`` are arbitrary pytrees of float arrays, ``x``
+  any pytree; the outputs are a scalar ``L`` and ``g`` shaped like ``theta``.
+
+  Derivation of the backward rule. Write ``F(theta, eta) = (L, g)`` with
+  ``g = grad_theta L`` (the batch x is held fixed). Reverse mode asks, for output
+  cotangents ``(c, v)`` (c a scalar, v shaped like theta), for the input
+  cotangents ``theta_bar = c * grad_theta L + (dg/dtheta)^T v`` and
+  ``eta_bar = c * grad_eta L + (dg/deta)^T v``. Here ``dg/dtheta = H_tt`` and
+  ``dg/deta = H_te`` are blocks of the Hessian of L. For twice continuously
+  differentiable L the Hessian is symmetric (Schwarz), so ``H_tt^T v = H_tt v``
+  and ``H_te^T v = H_et v``, where ``H_et = d(grad_eta L)/dtheta``. Both are the
+  directional derivative along v of the joint gradient map
+  ``theta -> (grad_theta L, grad_eta L)``, i.e. the tangent output of ONE
+  forward-mode ``jax.jvp`` of that map at theta along v (forward-over-reverse);
+  its primal output ``(g, grad_eta L)`` supplies the ``c`` terms. So the
+  forward pass only has to save its inputs ``(theta, eta, x)``, not the
+  intermediates of the inner backward pass that reverse-over-reverse keeps, and
+  the backward pass does about one extra gradient's worth of arithmetic.
+  Cotangents for the batch x are returned as zero: the engine never
+  differentiates with respect to data. Everything eta influences inside L must
+  reach it through the explicit ``eta`` argument, never a closure (JAX refuses
+  to differentiate a custom-VJP function with respect to closed-over values).
+  The rule is first-order only: third derivatives through it are not defined.
+  """
+  joint_grad = jax.grad(inner_loss, argnums=(0, 1))
+
+  @jax.custom_vjp
+  def value_and_grad(theta, eta, batch):
+    return jax.value_and_grad(inner_loss, argnums=0)(theta, eta, batch)
+
+  def fwd(theta, eta, batch):
+    return value_and_grad(theta, eta, batch), (theta, eta, batch)
+
+  def bwd(residuals, cotangents):
+    theta, eta, batch = residuals
+    c, v = cotangents
+    (g_theta, g_eta), (h_tt_v, h_et_v) = jax.jvp(
+        lambda th: joint_grad(th, eta, batch), (theta,), (v,))
+    theta_bar = jax.tree.map(lambda h, g: h + c * g, h_tt_v, g_theta)
+    eta_bar = jax.tree.map(lambda h, g: h + c * g, h_et_v, g_eta)
+    return theta_bar, eta_bar, None
+
+  value_and_grad.defvjp(fwd, bwd)
+  return value_and_grad
+
+
+def inner_value_and_grad(inner_loss: Loss, mode: str) -> ValueAndGrad:
+  """The ``(theta, eta, x) -> (L, g)`` function for a strategy mode."""
+  if mode == "standard":
+    return standard_value_and_grad(inner_loss)
+  if mode == "mixflow":
+    return mixflow_value_and_grad(inner_loss)
+  raise ValueError(f"Unknown mode {mode!r}; expected 'standard' or 'mixflow'.")

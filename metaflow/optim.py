@@ -1,0 +1,87 @@
+"""Inner optimisers that are safe to differentiate through.
+
+These are ordinary optax ``GradientTransformation``s; they differ from optax's
+own constructors in two ways that matter for meta-learning:
+
+* the learning rate may be a pytree (per-parameter-tensor or per-parameter-
+  element learning rates, e.g. ``exp(eta["log_lr"])``), not only a scalar or a
+  schedule; a traced scalar or pytree lets eta enter the update Phi;
+* `adam` uses ``eps_root=DEFAULT_EPS_ROOT`` (not optax's 0.0). Adam divides by
+  ``sqrt(nu + eps_root) + eps``; with ``eps_root = 0`` the derivative of the
+  square root at ``nu = 0`` (a parameter whose gradient is exactly zero, e.g. at
+  the first step or an unused embedding row) is infinite and the meta-gradient
+  becomes NaN. A tiny ``eps_root`` keeps it finite and changes the inner update
+  by a negligible amount.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import jax
+import optax
+
+PyTree = Any
+LearningRate = Union[float, jax.Array, optax.Schedule, PyTree]
+
+#: Default ``eps_root`` of `adam`: large enough for a finite derivative of
+#: ``sqrt(nu + eps_root)`` at ``nu = 0`` in float32, small enough not to change
+#: the update for any gradient larger than about 1e-4.
+DEFAULT_EPS_ROOT = 1e-8
+
+
+def _is_scalar_like(x) -> bool:
+  return (isinstance(x, (int, float)) or callable(x)
+          or (hasattr(x, "shape") and hasattr(x, "dtype")))
+
+
+def scale_by_learning_rate(learning_rate: LearningRate) -> optax.GradientTransformation:
+  """Multiplies updates by ``-learning_rate``.
+
+  Args:
+    learning_rate: a scalar, a schedule ``count -> scalar``, or a pytree with
+      the structure of the parameters whose leaves broadcast against them
+      (scalars for per-tensor rates, full shapes for per-element rates).
+
+  Returns:
+    A stateless transformation (stateful only for a schedule).
+  """
+  if _is_scalar_like(learning_rate):
+    return optax.scale_by_learning_rate(learning_rate)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    try:
+      scaled = jax.tree.map(
+          lambda u, lr: (-lr * u).astype(u.dtype), updates, learning_rate)
+    except ValueError as e:
+      raise ValueError(
+          "A pytree learning rate must have the structure of the parameters "
+          f"({jax.tree.structure(updates)}); got "
+          f"{jax.tree.structure(learning_rate)}.") from e
+    return scaled, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgd(learning_rate: LearningRate, momentum: Optional[float] = None,
+        nesterov: bool = False) -> optax.GradientTransformation:
+  """SGD, optionally with (Nesterov) momentum; see `scale_by_learning_rate`."""
+  parts = []
+  if momentum is not None:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def adam(learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8, eps_root: float = DEFAULT_EPS_ROOT
+         ) -> optax.GradientTransformation:
+  """Adam with a differentiable default ``eps_root`` (see the module doc)."""
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      scale_by_learning_rate(learning_rate))

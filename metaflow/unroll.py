@@ -1,0 +1,262 @@
+"""The unrolled inner loop and the meta-gradient through it.
+
+Notation (Kemaev et al., 2025): inner parameters theta, optimiser state s,
+meta-parameters eta, inner batches x_t, T inner steps, inner loss L and outer
+(validation) loss V. One inner step is
+
+    g_t = grad_theta L(theta_t, eta, x_t)
+    (theta_{t+1}, s_{t+1}) = Phi(g_t, theta_t, s_t, eta)      # optax update
+
+and the meta-objective is ``V(theta_T, eta, x_val)``, differentiated with
+respect to eta through all T steps (truncated back-propagation through time).
+The loop is a ``jax.lax.scan`` whose carry is ``(theta, s)``: the optimiser state
+is part of the carry and the gradient is an explicit argument of Phi (the
+paper's reparameterisation), so compile time does not grow with T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.ad_checkpoint import checkpoint_name
+
+from metaflow import mixflow
+from metaflow.strategy import INNER_GRAD_NAME, Strategy
+
+PyTree = Any
+Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
+OptimizerSpec = Union[optax.GradientTransformation,
+                      Callable[[PyTree], optax.GradientTransformation]]
+
+
+class MetaAux(NamedTuple):
+  """Auxiliary outputs of a meta-gradient evaluation (nothing recomputed).
+
+  Attributes:
+    outer_loss: scalar ``V(theta_T, eta, x_val)``.
+    inner_losses: ``[T]``, ``L(theta_t, eta, x_t)`` for ``t = 0 .. T-1``
+      (each evaluated before the step that uses it).
+  """
+  outer_loss: jax.Array
+  inner_losses: jax.Array
+
+
+class InnerLoopResult(NamedTuple):
+  """Result of `inner_loop`: ``theta_T``, ``s_T`` and the ``[T]`` loss trace."""
+  params: PyTree
+  opt_state: PyTree
+  inner_losses: jax.Array
+
+
+def _as_optimizer_fn(optimizer: OptimizerSpec
+                     ) -> Callable[[PyTree], optax.GradientTransformation]:
+  if isinstance(optimizer, optax.GradientTransformation):
+    return lambda eta: optimizer
+  if callable(optimizer):
+    def optimizer_fn(eta):
+      opt = optimizer(eta)
+      if not isinstance(opt, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer(eta) must return an optax.GradientTransformation, got "
+            f"{type(opt).__name__}.")
+      return opt
+    return optimizer_fn
+  raise TypeError(
+      "optimizer must be an optax.GradientTransformation or a callable "
+      f"eta -> optax.GradientTransformation, got {type(optimizer).__name__}.")
+
+
+def _check_num_steps(num_steps) -> int:
+  if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+    raise TypeError(f"num_steps (T) must be an int, got {num_steps!r}.")
+  if num_steps < 1:
+    raise ValueError(f"num_steps (T) must be >= 1, got {num_steps}.")
+  return num_steps
+
+
+def _check_leading_axis(inner_batches: PyTree, num_steps: int) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(inner_batches):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != num_steps:
+      size = shape[0] if shape else "none (a scalar)"
+      raise ValueError(
+          f"inner_batches leaf {jax.tree_util.keystr(path) or '<root>'} has "
+          f"leading axis {size}, but num_steps (T) is {num_steps}: every leaf "
+          "of inner_batches must have leading axis T.")
+
+
+def _check_scalar_loss(name: str, loss_fn: Loss, *args) -> None:
+  out = jax.eval_shape(loss_fn, *args)
+  if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
+          and jnp.issubdtype(out.dtype, jnp.floating)):
+    desc = (f"shape {out.shape} and dtype {out.dtype}"
+            if isinstance(out, jax.ShapeDtypeStruct)
+            else f"a {type(out).__name__} pytree")
+    raise ValueError(
+        f"{name}(theta, eta, batch) must return a float scalar, but it "
+        f"returned {desc}. Reduce it (e.g. with jnp.mean) to a scalar.")
+
+
+def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
+               strategy: Union[str, Strategy] = "mixflow"
+               ) -> Callable[[PyTree, PyTree, PyTree], InnerLoopResult]:
+  """Builds ``(eta, theta0, inner_batches) -> InnerLoopResult``: T inner steps.
+
+  The returned function runs ``jax.lax.scan`` over the leading axis (length T)
+  of ``inner_batches``, with carry ``(theta, s)``. It is differentiable with
+  respect to ``eta`` and ``theta0``; how is set by ``strategy``.
+  """
+  strategy = Strategy.parse(strategy)
+  num_steps = _check_num_steps(num_steps)
+  optimizer_fn = _as_optimizer_fn(optimizer)
+  value_and_grad = mixflow.inner_value_and_grad(inner_loss, strategy.mode)
+
+  def run(eta, theta0, inner_batches):
+    _check_leading_axis(inner_batches, num_steps)
+    first_batch = jax.tree.map(lambda x: x[0], inner_batches)
+    _check_scalar_loss("inner_loss", inner_loss, theta0, eta, first_batch)
+    opt = optimizer_fn(eta)
+
+    def step(carry, batch):
+      theta, s = carry
+      loss, g = value_and_grad(theta, eta, batch)
+      if strategy.save_inner_grads:
+        g = checkpoint_name(g, INNER_GRAD_NAME)
+      updates, s = opt.update(g, s, theta)
+      theta = optax.apply_updates(theta, updates)
+      return (theta, s), loss
+
+    if strategy.remat:
+      policy = (jax.checkpoint_policies.save_only_these_names(INNER_GRAD_NAME)
+                if strategy.save_inner_grads else None)
+      # prevent_cse=False is safe (and cheaper) inside a scan.
+      step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+
+    (theta_T, s_T), losses = jax.lax.scan(
+        step, (theta0, opt.init(theta0)), inner_batches, length=num_steps)
+    return InnerLoopResult(theta_T, s_T, losses)
+
+  return run
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MetaGradient:
+  """``(eta, theta0, inner_batches, outer_batch) -> (value, meta_grads)``.
+
+  Built by `meta_value_and_grad` (or, with ``has_aux=True``, by
+  `meta_value_and_grad_with_aux`, which returns ``((value, MetaAux),
+  meta_grads)``). ``value`` is the scalar ``V(theta_T, eta, x_val)`` and
+  ``meta_grads = dV/deta`` has the structure of ``eta``. Jit- and vmap-able.
+  """
+
+  inner_loss: Loss
+  outer_loss: Loss
+  optimizer: OptimizerSpec
+  num_steps: int
+  strategy: Strategy
+  init_params: Optional[Callable[[PyTree], PyTree]] = None
+  has_aux: bool = False
+
+  def __post_init__(self):
+    for name in ("inner_loss", "outer_loss"):
+      if not callable(getattr(self, name)):
+        raise TypeError(f"{name} must be a callable (theta, eta, batch) -> "
+                        f"scalar, got {getattr(self, name)!r}.")
+    if self.init_params is not None and not callable(self.init_params):
+      raise TypeError("init_params must be None or a callable eta -> theta0, "
+                      f"got {self.init_params!r}.")
+    _as_optimizer_fn(self.optimizer)
+    _check_num_steps(self.num_steps)
+    object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+
+  def _objective(self, eta, theta0, inner_batches, outer_batch):
+    if self.init_params is not None:
+      theta0 = self.init_params(eta)
+    elif theta0 is None:
+      raise ValueError("theta0 is None but no init_params was given to "
+                       "meta_value_and_grad.")
+    result = inner_loop(self.inner_loss, self.optimizer, self.num_steps,
+                        self.strategy)(eta, theta0, inner_batches)
+    _check_scalar_loss("outer_loss", self.outer_loss, result.params, eta,
+                       outer_batch)
+    value = self.outer_loss(result.params, eta, outer_batch)
+    return value, MetaAux(outer_loss=value, inner_losses=result.inner_losses)
+
+  def __call__(self, eta, theta0, inner_batches, outer_batch):
+    (value, aux), meta_grads = jax.value_and_grad(
+        self._objective, has_aux=True)(eta, theta0, inner_batches, outer_batch)
+    if self.has_aux:
+      return (value, aux), meta_grads
+    return value, meta_grads
+
+  def carry_bytes(self, eta, theta0) -> int:
+    """Bytes of one inner-loop carry ``(theta, s)`` (shapes only, no compute)."""
+    def carry(eta, theta0):
+      if self.init_params is not None:
+        theta0 = self.init_params(eta)
+      return theta0, _as_optimizer_fn(self.optimizer)(eta).init(theta0)
+    shapes = jax.eval_shape(carry, eta, theta0)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+  def static_bytes(self, eta, theta0, inner_batches=None, outer_batch=None) -> int:
+    """The paper's static memory: T stored copies of ``(theta, s)``."""
+    del inner_batches, outer_batch
+    return self.num_steps * self.carry_bytes(eta, theta0)
+
+
+def meta_value_and_grad(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: OptimizerSpec,
+    num_steps: int,
+    strategy: Union[str, Strategy] = "mixflow",
+    init_params: Optional[Callable[[PyTree], PyTree]] = None,
+) -> MetaGradient:
+  """The meta-gradient of the outer loss through T unrolled inner steps.
+
+  ``fn = meta_value_and_grad(L, V, optimizer, T, strategy, init_params)``, then
+  ``value, meta_grads = fn(eta, theta0, inner_batches, outer_batch)``.
+
+  Args:
+    inner_loss: ``L(theta, eta, batch) -> scalar``.
+    outer_loss: ``V(theta, eta, batch) -> scalar``, evaluated at ``theta_T``.
+    optimizer: an ``optax.GradientTransformation``, or a callable
+      ``eta -> GradientTransformation`` for learned optimiser hyper-parameters
+      (see `metaflow.optim` for inner optimisers that are safe to
+      differentiate, Adam in particular).
+    num_steps: T >= 1.
+    strategy: a `Strategy` or a string such as ``"mixflow+remat"``.
+    init_params: optional ``eta -> theta0`` (MAML); when given, the ``theta0``
+      argument is ignored and may be None.
+
+  Returns:
+    A `MetaGradient` ``fn(eta, theta0, inner_batches, outer_batch) ->
+    (value, meta_grads)``: ``inner_batches`` is a pytree whose leaves have
+    leading axis T (step t gets slice t), ``value`` the scalar outer loss and
+    ``meta_grads`` ``dV/deta`` shaped like ``eta``. Only eta is differentiated.
+
+  Raises:
+    ValueError: unknown strategy, ``T < 1``; when called, a leading axis of
+      ``inner_batches`` different from T, or a loss that is not a scalar.
+  """
+  return MetaGradient(inner_loss, outer_loss, optimizer, num_steps, strategy,
+                      init_params, has_aux=False)
+
+
+def meta_value_and_grad_with_aux(
+    inner_loss: Loss,
+    outer_loss: Loss,
+    optimizer: OptimizerSpec,
+    num_steps: int,
+    strategy: Union[str, Strategy] = "mixflow",
+    init_params: Optional[Callable[[PyTree], PyTree]] = None,
+) -> MetaGradient:
+  """As `meta_value_and_grad`, but ``fn(...)`` returns ``((value, MetaAux),
+  meta_grads)`` with the inner-loss trace ``[T]`` and the outer loss."""
+  return dataclasses.replace(
+      meta_value_and_grad(inner_loss, outer_loss, optimizer, num_steps,
+                          strategy, init_params), has_aux=True)

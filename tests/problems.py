@@ -1,0 +1,104 @@
+"""Small bilevel problems shared by the tests, and the plain reference meta-gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaflow import optim
+
+IN, HIDDEN, BATCH = 3, 5, 4
+KINDS = ("init", "lr", "loss_weights")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def mlp(theta, x):
+  """x: [B, IN] -> [B]."""
+  h = jnp.tanh(x @ theta["w1"] + theta["b1"])
+  return (h @ theta["w2"])[:, 0]
+
+
+def make_optimizer(name: str, learning_rate):
+  if name == "sgd":
+    return optim.sgd(learning_rate)
+  if name == "momentum":
+    return optim.sgd(learning_rate, momentum=0.9)
+  if name == "adam":
+    return optim.adam(learning_rate)
+  raise ValueError(name)
+
+
+def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0):
+  """A regression problem with meta-parameters of one kind.
+
+  Returns (inner_loss, outer_loss, optimizer, init_params, eta, theta0,
+  inner_batches, outer_batch). ``kind`` is ``"init"`` (MAML: eta is theta0),
+  ``"lr"`` (per-element log learning rates inside the optimiser) or
+  ``"loss_weights"`` (per-example weights 2*sigmoid(eta) inside L).
+  """
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape, scale=1.0: jnp.asarray(
+      scale * rng.standard_normal(shape), dtype=dtype)
+  theta0 = {"w1": arr(IN, HIDDEN, scale=0.7), "b1": arr(HIDDEN, scale=0.1),
+            "w2": arr(HIDDEN, 1, scale=0.7)}
+  inner_batches = {"x": arr(num_steps, BATCH, IN), "y": arr(num_steps, BATCH)}
+  outer_batch = {"x": arr(2 * BATCH, IN), "y": arr(2 * BATCH)}
+  base_lr = 0.1 if opt_name != "adam" else 0.05
+
+  def sq_err(theta, batch):
+    return (mlp(theta, batch["x"]) - batch["y"]) ** 2
+
+  def outer_loss(theta, eta, batch):
+    del eta
+    return jnp.mean(sq_err(theta, batch))
+
+  init_params = None
+  if kind == "init":
+    eta = theta0
+    init_params = lambda eta: eta
+    inner_loss = lambda theta, eta, batch: jnp.mean(sq_err(theta, batch))
+    optimizer = make_optimizer(opt_name, base_lr)
+  elif kind == "lr":
+    eta = jax.tree.map(
+        lambda p: jnp.log(base_lr) + arr(*p.shape, scale=0.2), theta0)
+    inner_loss = lambda theta, eta, batch: jnp.mean(sq_err(theta, batch))
+    optimizer = lambda eta: make_optimizer(opt_name, jax.tree.map(jnp.exp, eta))
+  elif kind == "loss_weights":
+    eta = {"logits": arr(BATCH)}
+    def inner_loss(theta, eta, batch):
+      weights = 2.0 * jax.nn.sigmoid(eta["logits"])
+      return jnp.mean(weights * sq_err(theta, batch))
+    optimizer = make_optimizer(opt_name, base_lr)
+  else:
+    raise ValueError(kind)
+  return (inner_loss, outer_loss, optimizer, init_params, eta, theta0,
+          inner_batches, outer_batch)
+
+
+def reference_meta_value_and_grad(inner_loss, outer_loss, optimizer, num_steps,
+                                  init_params, eta, theta0, inner_batches,
+                                  outer_batch):
+  """A Python loop of jax.grad steps, differentiated by jax.grad."""
+  def objective(eta):
+    theta = init_params(eta) if init_params is not None else theta0
+    opt = optimizer(eta) if not isinstance(
+        optimizer, optax.GradientTransformation) else optimizer
+    s = opt.init(theta)
+    for t in range(num_steps):
+      batch = jax.tree.map(lambda x: x[t], inner_batches)
+      g = jax.grad(inner_loss)(theta, eta, batch)
+      updates, s = opt.update(g, s, theta)
+      theta = optax.apply_updates(theta, updates)
+    return outer_loss(theta, eta, outer_batch)
+  return jax.value_and_grad(objective)(eta)
+
+
+def tree_rel_error(a, b) -> float:
+  """||a - b|| / ||b|| over all leaves (norm-wise relative error)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb))
+  den = sum(float(jnp.sum(y ** 2)) for y in lb)
+  return float(np.sqrt(num / den))

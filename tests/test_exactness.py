@@ -1,0 +1,213 @@
+"""Every strategy's meta-gradient equals a plain reference (Python loop of jax.grad).
+
+The full matrix (6 strategies x 3 optimisers x 3 meta-parameter kinds x
+T in {1, 2, 4} x {float32, float64}) compiles all strategies of one case and the
+reference in ONE jitted function (with XLA's backend optimisation off, which
+changes rounding, not maths) to keep the suite fast; `test_separately_compiled`
+checks that compiling each strategy alone, with default options, agrees too.
+"""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import metaflow
+from tests import problems as P
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
+F64_TOL, F32_TOL = 1e-10, 1e-5
+# Float32 Adam may amplify rounding beyond F32_TOL (its first update g/|g| is
+# scale-invariant, so a loss-weight meta-gradient through it is an O(eps)
+# difference of O(1) terms); it is accepted only when the same case in float64
+# is tight (so the maths is exact) and the float32 error stays below this bound.
+F32_ADAM_ROUNDING_BOUND = 1e-3
+
+
+def _errors(kind, opt_name, num_steps, dtype):
+  """Relative errors of (value, grads) of every strategy vs the reference."""
+  (inner_loss, outer_loss, optimizer, init_params, eta, theta0, inner_batches,
+   outer_batch) = P.make_problem(kind, opt_name, num_steps, dtype)
+  strategies = metaflow.all_strategies()
+
+  def everything(eta, theta0, inner_batches, outer_batch):
+    ref = P.reference_meta_value_and_grad(
+        inner_loss, outer_loss, optimizer, num_steps, init_params, eta, theta0,
+        inner_batches, outer_batch)
+    ours = [metaflow.meta_value_and_grad(inner_loss, outer_loss, optimizer,
+                                         num_steps, s, init_params)(
+                                             eta, theta0, inner_batches,
+                                             outer_batch)
+            for s in strategies]
+    return ref, ours
+
+  args = (eta, theta0, inner_batches, outer_batch)
+  (ref_value, ref_grads), ours = jax.jit(everything).lower(*args).compile(
+      compiler_options=FAST_COMPILE)(*args)
+  # Not a vacuous comparison. (Smallest case: loss weights under one Adam
+  # step, whose first update g/|g| is scale-invariant: ~1e-4, set by eps.)
+  assert jnp.linalg.norm(jnp.concatenate(
+      [jnp.ravel(g) for g in jax.tree.leaves(ref_grads)])) > 1e-5, (
+          "degenerate test case: the reference meta-gradient is ~0")
+  errors = {}
+  for s, (value, grads) in zip(strategies, ours):
+    chex.assert_trees_all_equal_structs(grads, ref_grads)
+    for g in jax.tree.leaves(grads):
+      assert g.dtype == jnp.dtype(dtype)
+    errors[s.name] = (abs(float(value - ref_value)) / abs(float(ref_value)),
+                      P.tree_rel_error(grads, ref_grads))
+  return errors
+
+
+@pytest.mark.parametrize("kind,opt_name,num_steps", list(
+    itertools.product(P.KINDS, P.OPTIMIZERS, (1, 2, 4))))
+def test_all_strategies_match_reference(kind, opt_name, num_steps):
+  with jax.enable_x64(True):
+    errors64 = _errors(kind, opt_name, num_steps, "float64")
+  errors32 = _errors(kind, opt_name, num_steps, "float32")
+  for name in errors64:
+    value64, grad64 = errors64[name]
+    value32, grad32 = errors32[name]
+    assert value64 < F64_TOL and grad64 < F64_TOL, (name, errors64[name])
+    assert value32 < F32_TOL, (name, value32)
+    if grad32 >= F32_TOL:
+      # Not exactness failure if float32 rounding is amplified by Adam: the
+      # float64 case above is tight, so the maths is exact.
+      assert opt_name == "adam" and grad32 < F32_ADAM_ROUNDING_BOUND, (
+          name, grad32, grad64)
+
+
+@pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
+def test_separately_compiled(strategy, x64):
+  """Each strategy jitted on its own with default XLA options (float64)."""
+  args = P.make_problem("loss_weights", "adam", 2, "float64")
+  inner_loss, outer_loss, optimizer, init_params = args[:4]
+  ref_value, ref_grads = jax.jit(
+      lambda *a: P.reference_meta_value_and_grad(
+          inner_loss, outer_loss, optimizer, 2, init_params, *a))(*args[4:])
+  fn = metaflow.meta_value_and_grad(inner_loss, outer_loss, optimizer, 2,
+                                    strategy, init_params)
+  value, grads = jax.jit(fn)(*args[4:])
+  np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+  assert P.tree_rel_error(grads, ref_grads) < F64_TOL
+
+
+def test_mixflow_vjp_matches_reverse_over_reverse(x64):
+  """The custom rule's VJP, cotangent of the loss value included."""
+  inner_loss, _, _, _, eta, theta0, batches, _ = P.make_problem(
+      "loss_weights", "sgd", 1, "float64")
+  batch = jax.tree.map(lambda x: x[0], batches)
+  rng = np.random.default_rng(1)
+  c = jnp.asarray(rng.standard_normal())
+  v = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), theta0)
+  def pullback(value_and_grad):
+    out, vjp = jax.vjp(value_and_grad, theta0, eta, batch)
+    return out, vjp((c, v))
+  (out_m, (th_m, eta_m, _)) = pullback(metaflow.mixflow_value_and_grad(inner_loss))
+  (out_s, (th_s, eta_s, _)) = pullback(jax.value_and_grad(inner_loss))
+  chex.assert_trees_all_close(out_m, out_s, rtol=1e-14)
+  chex.assert_trees_all_close(th_m, th_s, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(eta_m, eta_s, rtol=1e-12, atol=1e-14)
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.l1 = nnx.Linear(P.IN, P.HIDDEN, rngs=rngs)
+    self.l2 = nnx.Linear(P.HIDDEN, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))[:, 0]
+
+
+@pytest.mark.parametrize("strategy", ["standard", "mixflow", "mixflow+remat"])
+def test_nnx_state_meta_params(strategy, x64):
+  """theta and eta as nnx.State: a MAML initialisation of an NNX module."""
+  graphdef, state = nnx.split(_MLP(nnx.Rngs(0)), nnx.Param)
+  state = jax.tree.map(lambda x: x.astype(jnp.float64), state)
+  _, _, _, _, _, _, batches, outer = P.make_problem("init", "sgd", 3, "float64")
+
+  def loss(theta, eta, batch):
+    del eta
+    model = nnx.merge(graphdef, theta)
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+  opt = metaflow.optim.adam(0.05)
+  init = lambda eta: eta
+  value, grads = jax.jit(metaflow.meta_value_and_grad(
+      loss, loss, opt, 3, strategy, init_params=init))(state, None, batches,
+                                                       outer)
+  ref_value, ref_grads = P.reference_meta_value_and_grad(
+      loss, loss, opt, 3, init, state, None, batches, outer)
+  assert isinstance(grads, nnx.State)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+  assert P.tree_rel_error(grads, ref_grads) < F64_TOL
+
+
+@pytest.mark.parametrize("strategy", ["standard", "mixflow+remat+saved_inner_grads"])
+def test_vmap_over_meta_batch(strategy):
+  """A meta-batch of tasks sharing eta: vmap equals a loop over tasks."""
+  num_tasks, num_steps = 3, 2
+  problems = [P.make_problem("loss_weights", "momentum", num_steps, "float32",
+                             seed=i) for i in range(num_tasks)]
+  inner_loss, outer_loss, optimizer, _, eta = problems[0][:5]
+  stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                 *[p[i] for p in problems])
+  theta0s, inner_batches, outer_batches = stack(5), stack(6), stack(7)
+  fn = metaflow.meta_value_and_grad(inner_loss, outer_loss, optimizer,
+                                    num_steps, strategy)
+  values, grads = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0)))(
+      eta, theta0s, inner_batches, outer_batches)
+  assert values.shape == (num_tasks,)
+  for i in range(num_tasks):
+    value_i, grads_i = fn(eta, *(jax.tree.map(lambda x: x[i], t) for t in
+                                 (theta0s, inner_batches, outer_batches)))
+    np.testing.assert_allclose(values[i], value_i, rtol=1e-5)
+    chex.assert_trees_all_close(jax.tree.map(lambda g: g[i], grads), grads_i,
+                                rtol=1e-4, atol=1e-7)
+
+
+def test_aux_variant_returns_inner_trace(x64):
+  inner_loss, outer_loss, optimizer, init, eta, theta0, batches, outer = (
+      P.make_problem("init", "adam", 4, "float64"))
+  plain = metaflow.meta_value_and_grad(inner_loss, outer_loss, optimizer, 4,
+                                       "mixflow", init)
+  with_aux = metaflow.meta_value_and_grad_with_aux(
+      inner_loss, outer_loss, optimizer, 4, "mixflow", init)
+  (value, aux), grads = jax.jit(with_aux)(eta, None, batches, outer)
+  value_plain, grads_plain = plain(eta, None, batches, outer)
+  assert isinstance(aux, metaflow.MetaAux)
+  assert aux.inner_losses.shape == (4,)
+  np.testing.assert_allclose(aux.outer_loss, value)
+  np.testing.assert_allclose(value, value_plain, rtol=1e-13)
+  chex.assert_trees_all_close(grads, grads_plain, rtol=1e-12)
+  # The trace is L(theta_t, eta, x_t) before each step, from the forward loop.
+  result = metaflow.inner_loop(inner_loss, optimizer, 4)(eta, eta, batches)
+  np.testing.assert_allclose(aux.inner_losses, result.inner_losses, rtol=1e-13)
+  expected0 = inner_loss(eta, eta, jax.tree.map(lambda x: x[0], batches))
+  np.testing.assert_allclose(aux.inner_losses[0], expected0, rtol=1e-13)
+  # Adaptation lowers the inner loss on this problem.
+  assert aux.inner_losses[-1] < aux.inner_losses[0]
+
+
+@pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
+def test_inner_adam_is_finite_where_optax_default_is_not(strategy):
+  """An inner gradient that is exactly zero (theta0 at the first target): the
+  derivative of sqrt(nu) at nu = 0 is infinite unless Adam's eps_root > 0."""
+  inner_loss = lambda theta, eta, x: jnp.sum(eta * (theta - x) ** 2)
+  outer_loss = lambda theta, eta, x: jnp.sum((theta - x) ** 2)
+  eta, theta0 = jnp.array([1.0, 2.0, 3.0]), jnp.zeros(3)
+  inner_batches = jnp.stack([jnp.zeros(3), jnp.ones(3)])  # g_0 = 0 exactly
+  def grads_with(opt):
+    fn = metaflow.meta_value_and_grad(inner_loss, outer_loss, opt, 2, strategy)
+    return fn(eta, theta0, inner_batches, 2.0 * jnp.ones(3))[1]
+  safe = grads_with(metaflow.optim.adam(0.1))
+  assert bool(jnp.all(jnp.isfinite(safe))) and bool(jnp.any(safe != 0))
+  unsafe = grads_with(optax.adam(0.1))  # optax's default eps_root = 0.0
+  assert not bool(jnp.all(jnp.isfinite(unsafe)))
