@@ -117,8 +117,10 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
 
   def run(eta, theta0, inner_batches):
     _check_leading_axis(inner_batches, num_steps)
-    first_batch = jax.tree.map(lambda x: x[0], inner_batches)
-    _check_scalar_loss("inner_loss", inner_loss, theta0, eta, first_batch)
+    one_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+        inner_batches)
+    _check_scalar_loss("inner_loss", inner_loss, theta0, eta, one_batch)
     opt = optimizer_fn(eta)
 
     def step(carry, batch):

@@ -211,3 +211,27 @@ def test_inner_adam_is_finite_where_optax_default_is_not(strategy):
   assert bool(jnp.all(jnp.isfinite(safe))) and bool(jnp.any(safe != 0))
   unsafe = grads_with(optax.adam(0.1))  # optax's default eps_root = 0.0
   assert not bool(jnp.all(jnp.isfinite(unsafe)))
+
+
+@pytest.mark.parametrize("strategy", ["standard", "mixflow+remat+saved_inner_grads"])
+def test_program_size_does_not_grow_with_T(strategy):
+  """The inner loop is one scan: the traced program is the same for any T."""
+  def program_size(num_steps):
+    inner_loss, outer_loss, optimizer, init, eta, theta0, batches, outer = (
+        P.make_problem("lr", "adam", num_steps, "float32"))
+    fn = metaflow.meta_value_and_grad(inner_loss, outer_loss, optimizer,
+                                      num_steps, strategy, init)
+    return _count_equations(jax.make_jaxpr(fn)(eta, theta0, batches, outer))
+  assert program_size(2) == program_size(16)
+
+
+def _count_equations(jaxpr) -> int:
+  """Equations of a (closed) jaxpr, those of nested jaxprs (scan bodies) included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = len(jaxpr.eqns)
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          total += _count_equations(sub)
+  return total
