@@ -17,6 +17,13 @@ A `Strategy` names three independent choices:
   backward pass does not recompute the inner gradient (needs ``remat``).
 
 Strings compose the same choices with ``+``: ``"mixflow+remat+saved_inner_grads"``.
+
+With ``mixflow``, remat saves little (the step's residuals are already just its
+inputs and the optimiser update's) and costs a recomputation of g_t in the
+backward pass; on XLA:CPU that recomputation's working set is not shared with
+the JVP's (XLA materialises the zero-initialised stacks of both loops at the
+start of the step), so ``mixflow+remat`` needs MORE memory than ``mixflow``.
+``mixflow+remat+saved_inner_grads`` avoids the recomputation.
 """
 
 from __future__ import annotations
