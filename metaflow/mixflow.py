@@ -52,8 +52,9 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   the backward pass does about one extra gradient's worth of arithmetic.
   Cotangents for the batch x are returned as zero: the engine never
   differentiates with respect to data. Everything eta influences inside L must
-  reach it through the explicit ``eta`` argument, never a closure (JAX refuses
-  to differentiate a custom-VJP function with respect to closed-over values).
+  reach it through the explicit ``eta`` argument, never a closure: the rule
+  has no cotangent for closed-over values, and JAX raises an error ("...with
+  respect to a closed-over value") instead of silently dropping that gradient.
   The rule is first-order only: third derivatives through it are not defined.
   """
   joint_grad = jax.grad(inner_loss, argnums=(0, 1))

@@ -79,3 +79,13 @@ def test_pytree_learning_rate_structure_mismatch():
   opt = metaflow.optim.sgd({"a": 0.1, "b": 0.2})
   with pytest.raises(ValueError, match="structure of the parameters"):
     opt.update({"a": jnp.ones(2)}, opt.init({"a": jnp.ones(2)}))
+
+
+def test_mixflow_refuses_eta_closed_over_by_the_loss():
+  """eta must reach L as an argument; a closure fails loudly, never silently."""
+  def objective(eta):
+    closed = lambda theta, unused_eta, batch: jnp.sum(eta * theta ** 2 * batch)
+    fn = metaflow.meta_value_and_grad(closed, outer, SGD, 2, "mixflow")
+    return fn(jnp.zeros(()), THETA0 + 1.0, jnp.ones((2, 3)), jnp.ones(3))[0]
+  with pytest.raises(Exception, match="closed-over value"):
+    jax.grad(objective)(ETA)

@@ -23,11 +23,11 @@ from tests import problems as P
 FAST_COMPILE = {"xla_backend_optimization_level": 0,
                 "xla_llvm_disable_expensive_passes": True}
 F64_TOL, F32_TOL = 1e-10, 1e-5
-# Float32 Adam may amplify rounding beyond F32_TOL (its first update g/|g| is
-# scale-invariant, so a loss-weight meta-gradient through it is an O(eps)
-# difference of O(1) terms); it is accepted only when the same case in float64
-# is tight (so the maths is exact) and the float32 error stays below this bound.
-F32_ADAM_ROUNDING_BOUND = 1e-3
+# Hardest float32 case: loss weights under ONE Adam step. Adam's first update
+# g/sqrt(g^2 + eps_root) is nearly scale-invariant, so the meta-gradient is an
+# O(eps_root)-sized difference of O(1) terms: the reference computed eagerly and
+# jitted disagrees with itself by ~1e-4 there, while in float64 every strategy
+# agrees with it to ~1e-15 (the maths is exact; the rest is float32 rounding).
 
 
 def _errors(kind, opt_name, num_steps, dtype):
@@ -72,15 +72,8 @@ def test_all_strategies_match_reference(kind, opt_name, num_steps):
     errors64 = _errors(kind, opt_name, num_steps, "float64")
   errors32 = _errors(kind, opt_name, num_steps, "float32")
   for name in errors64:
-    value64, grad64 = errors64[name]
-    value32, grad32 = errors32[name]
-    assert value64 < F64_TOL and grad64 < F64_TOL, (name, errors64[name])
-    assert value32 < F32_TOL, (name, value32)
-    if grad32 >= F32_TOL:
-      # Not exactness failure if float32 rounding is amplified by Adam: the
-      # float64 case above is tight, so the maths is exact.
-      assert opt_name == "adam" and grad32 < F32_ADAM_ROUNDING_BOUND, (
-          name, grad32, grad64)
+    assert max(errors64[name]) < F64_TOL, (name, errors64[name])
+    assert max(errors32[name]) < F32_TOL, (name, errors32[name])
 
 
 @pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
