@@ -23,7 +23,7 @@ import time
 import jax
 
 import metaflow
-from tasks.weight_tied import WeightTiedProblem
+from tasks.weight_tied import INNER_OPTIMIZERS, WeightTiedProblem
 
 _MIB = 2.0**20
 
@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="depths M of the weight-tied network (default 1,4,16)")
   p.add_argument("--width", type=int, default=128, help="layer width d")
   p.add_argument("--batch", type=int, default=128, help="inner batch size B")
+  p.add_argument("--inner_optimizer", choices=INNER_OPTIMIZERS,
+                 default="momentum",
+                 help="inner optimiser (default momentum; adam adds the "
+                 "T copies of (theta, mu, nu) to static memory)")
   p.add_argument("--repeats", type=int, default=20,
                  help="timed runs per configuration (median reported)")
   p.add_argument("--out", default="benchmark_results",
@@ -96,6 +100,7 @@ def measure(problem: WeightTiedProblem, strategy: metaflow.Strategy,
     times.append(time.perf_counter() - start)
   return {"strategy": strategy.name, "T": problem.num_steps,
           "M": problem.depth, "width": problem.width, "batch": problem.batch,
+          "inner_optimizer": problem.inner_optimizer,
           "compile_s": compile_s, "step_s_median": statistics.median(times),
           **mem.as_dict()}
 
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> list[dict]:
   for num_steps in args.steps:
     for depth in args.depths:
       problem = WeightTiedProblem(depth=depth, width=args.width,
-                                  batch=args.batch, num_steps=num_steps)
+                                  batch=args.batch, num_steps=num_steps,
+                                  inner_optimizer=args.inner_optimizer)
       group = [measure(problem, s, args.repeats) for s in args.strategies]
       std = next(r for r in group if r["strategy"] == "standard")
       for r in group:
@@ -155,7 +161,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   print(f"metaflow benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); weight-tied network, width {args.width}, "
-        f"batch {args.batch}; median of {args.repeats} steps after warm-up")
+        f"batch {args.batch}, inner {args.inner_optimizer}; median of "
+        f"{args.repeats} steps after warm-up")
   rows = run(args)
   os.makedirs(args.out, exist_ok=True)
   result = {"jax": jax.__version__, "backend": jax.devices()[0].platform,

@@ -8,9 +8,11 @@ the depth M, which is exactly the regime where reverse-over-reverse
 MixFlow-MG does not.
 
 Meta-parameters eta (all three kinds at once): a learned initialisation of
-theta (MAML), a per-tensor log learning rate entering the inner SGD-with-
-momentum update, and per-example loss weights ``2 * sigmoid(logits)`` entering
-the inner loss L (the mixed second derivative H_et matters).
+theta (MAML), a per-tensor log learning rate entering the inner optimiser's
+update (SGD with momentum by default; plain SGD or Adam on request, Adam making
+the T stored copies of (theta, mu, nu) the static floor), and per-example loss
+weights ``2 * sigmoid(logits)`` entering the inner loss L (the mixed second
+derivative H_et matters).
 """
 
 from __future__ import annotations
@@ -24,16 +26,25 @@ import numpy as np
 
 from metaflow import optim
 
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightTiedProblem:
-  """Sizes of the problem: depth M, width d, batch B, T inner steps."""
+  """Sizes of the problem (depth M, width d, batch B, T inner steps) and the
+  inner optimiser (``"sgd"``, ``"momentum"`` or ``"adam"``)."""
 
   depth: int
   width: int = 128
   batch: int = 128
   num_steps: int = 4
+  inner_optimizer: str = "momentum"
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.inner_optimizer not in INNER_OPTIMIZERS:
+      raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, "
+                       f"got {self.inner_optimizer!r}.")
 
   def forward(self, theta, x):
     """x: [B, d] -> predictions [B]."""
@@ -58,7 +69,14 @@ class WeightTiedProblem:
 
   def optimizer(self, eta):
     learning_rates = jax.tree.map(jnp.exp, eta["log_lr"])
-    return optim.sgd(learning_rates, momentum=0.9)
+    if self.inner_optimizer == "adam":
+      return optim.adam(learning_rates)
+    momentum = 0.9 if self.inner_optimizer == "momentum" else None
+    return optim.sgd(learning_rates, momentum=momentum)
+
+  @property
+  def _base_lr(self) -> float:
+    return 0.01 if self.inner_optimizer == "adam" else 0.05
 
   def example(self, seed: int = 0):
     """Returns ``(eta, inner_batches, outer_batch)`` with fixed random data.
@@ -73,7 +91,7 @@ class WeightTiedProblem:
             "b": cast(np.zeros(d)),
             "readout": cast(rng.standard_normal(d) / np.sqrt(d))}
     eta = {"init": init,
-           "log_lr": jax.tree.map(lambda p: cast(np.log(0.05)), init),
+           "log_lr": jax.tree.map(lambda p: cast(np.log(self._base_lr)), init),
            "example_logits": cast(np.zeros(b))}
     teacher = rng.standard_normal(d) / np.sqrt(d)
     def batch(*lead):

@@ -11,6 +11,7 @@ def test_small_benchmark(tmp_path, capsys):
   out = tmp_path / "bench"
   assert benchmark.main(["--steps", "2", "--depths", "1,2", "--width", "16",
                          "--batch", "8", "--repeats", "2",
+                         "--inner_optimizer", "adam",
                          "--strategies", "mixflow,mixflow+remat",
                          "--out", str(out)]) == 0
   printed = capsys.readouterr().out
@@ -24,6 +25,7 @@ def test_small_benchmark(tmp_path, capsys):
   for r in rows:
     assert r["temp_bytes"] > 0 and r["step_s_median"] > 0
     assert r["compile_s"] > 0 and r["memory_ratio_vs_standard"] > 0
+    assert r["inner_optimizer"] == "adam"
   assert (out / "benchmark.png").stat().st_size > 0
 
 
@@ -31,6 +33,7 @@ def test_small_benchmark(tmp_path, capsys):
     (["--strategies", "mixflow+saved_inner_grads"], "Contradictory"),
     (["--steps", "0"], "positive integers"),
     (["--depths", "a"], "comma-separated integers"),
+    (["--inner_optimizer", "rmsprop"], "invalid choice"),
 ])
 def test_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit):
