@@ -150,7 +150,7 @@ def plot(rows: list[dict], path: str) -> bool:
       ax.plot(*zip(*pts), marker="o", label=name)
     ax.set(title=f"T = {t}", xlabel="depth M", xscale="log", yscale="log")
   axes[0][0].set_ylabel("compiled temp memory (MiB)")
-  axes[0][-1].legend(fontsize=7)
+  axes[0][0].legend(fontsize=7, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

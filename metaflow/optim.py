@@ -10,8 +10,8 @@ own constructors in two ways that matter for meta-learning:
   ``sqrt(nu + eps_root) + eps``; with ``eps_root = 0`` the derivative of the
   square root at ``nu = 0`` (a parameter whose gradient is exactly zero, e.g. at
   the first step or an unused embedding row) is infinite and the meta-gradient
-  becomes NaN. A tiny ``eps_root`` keeps it finite and changes the inner update
-  by a negligible amount.
+  becomes NaN. A tiny ``eps_root`` keeps it finite and barely changes the inner
+  update (see `DEFAULT_EPS_ROOT`); pass ``eps_root`` to choose another value.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import optax
 PyTree = Any
 LearningRate = Union[float, jax.Array, optax.Schedule, PyTree]
 
-#: Default ``eps_root`` of `adam`: large enough for a finite derivative of
-#: ``sqrt(nu + eps_root)`` at ``nu = 0`` in float32, small enough not to change
-#: the update for any gradient larger than about 1e-4.
+#: Default ``eps_root`` of `adam`: the derivative of ``sqrt(nu + eps_root)`` at
+#: ``nu = 0`` becomes ``0.5 / sqrt(eps_root) = 5e3``, finite in float32; for
+#: gradient magnitudes above ~1e-3 the update changes by less than 0.5%.
 DEFAULT_EPS_ROOT = 1e-8
 
 

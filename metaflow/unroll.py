@@ -17,6 +17,7 @@ paper's reparameterisation), so compile time does not grow with T.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -71,8 +72,9 @@ def _as_optimizer_fn(optimizer: OptimizerSpec
 
 
 def _check_num_steps(num_steps) -> int:
-  if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
     raise TypeError(f"num_steps (T) must be an int, got {num_steps!r}.")
+  num_steps = int(num_steps)
   if num_steps < 1:
     raise ValueError(f"num_steps (T) must be >= 1, got {num_steps}.")
   return num_steps
@@ -172,7 +174,7 @@ class MetaGradient:
       raise TypeError("init_params must be None or a callable eta -> theta0, "
                       f"got {self.init_params!r}.")
     _as_optimizer_fn(self.optimizer)
-    _check_num_steps(self.num_steps)
+    object.__setattr__(self, "num_steps", _check_num_steps(self.num_steps))
     object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
 
   def _objective(self, eta, theta0, inner_batches, outer_batch):

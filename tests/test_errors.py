@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -28,6 +29,11 @@ def test_num_steps_below_one(steps):
 def test_num_steps_not_int(steps):
   with pytest.raises(TypeError, match="num_steps \\(T\\) must be an int"):
     metaflow.meta_value_and_grad(inner, outer, SGD, steps)
+
+
+def test_numpy_integer_num_steps_is_accepted():
+  fn = metaflow.meta_value_and_grad(inner, outer, SGD, np.int64(2))
+  assert fn.num_steps == 2 and type(fn.num_steps) is int
 
 
 @pytest.mark.parametrize("jit", [False, True])
