@@ -23,7 +23,7 @@ import time
 import jax
 
 import metaflow
-from tasks.weight_tied import INNER_OPTIMIZERS, WeightTiedProblem
+from tasks.weight_tied import WeightTiedProblem
 
 _MIB = 2.0**20
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="depths M of the weight-tied network (default 1,4,16)")
   p.add_argument("--width", type=int, default=128, help="layer width d")
   p.add_argument("--batch", type=int, default=128, help="inner batch size B")
-  p.add_argument("--inner_optimizer", choices=INNER_OPTIMIZERS,
+  p.add_argument("--inner_optimizer", choices=metaflow.optim.NAMES,
                  default="momentum",
                  help="inner optimiser (default momentum; adam adds the "
                  "T copies of (theta, mu, nu) to static memory)")
@@ -80,10 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def measure(problem: WeightTiedProblem, strategy: metaflow.Strategy,
-            repeats: int) -> dict:
-  """Compiles and times one configuration; returns one row of the table."""
-  eta, inner_batches, outer_batch = problem.example()
+def measure(problem: WeightTiedProblem, example: tuple,
+            strategy: metaflow.Strategy, repeats: int) -> dict:
+  """Compiles and times one configuration on ``example = problem.example()``;
+  returns one row of the table."""
+  eta, inner_batches, outer_batch = example
   fn = metaflow.meta_value_and_grad(
       problem.inner_loss, problem.outer_loss, problem.optimizer,
       problem.num_steps, strategy, init_params=problem.init_params)
@@ -117,7 +118,9 @@ def run(args: argparse.Namespace) -> list[dict]:
       problem = WeightTiedProblem(depth=depth, width=args.width,
                                   batch=args.batch, num_steps=num_steps,
                                   inner_optimizer=args.inner_optimizer)
-      group = [measure(problem, s, args.repeats) for s in args.strategies]
+      example = problem.example()
+      group = [measure(problem, example, s, args.repeats)
+               for s in args.strategies]
       std = next(r for r in group if r["strategy"] == "standard")
       for r in group:
         r["memory_ratio_vs_standard"] = std["temp_bytes"] / r["temp_bytes"]

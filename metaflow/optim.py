@@ -85,3 +85,19 @@ def adam(learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999,
   return optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
       scale_by_learning_rate(learning_rate))
+
+
+#: Names accepted by `create`.
+NAMES = ("sgd", "momentum", "adam")
+
+
+def create(name: str, learning_rate: LearningRate) -> optax.GradientTransformation:
+  """An inner optimiser by name: ``"sgd"``, ``"momentum"`` (SGD with momentum
+  0.9) or ``"adam"`` (with the differentiable default ``eps_root``)."""
+  if name == "sgd":
+    return sgd(learning_rate)
+  if name == "momentum":
+    return sgd(learning_rate, momentum=0.9)
+  if name == "adam":
+    return adam(learning_rate)
+  raise ValueError(f"Unknown inner optimiser {name!r}; expected one of {NAMES}.")

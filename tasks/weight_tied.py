@@ -26,8 +26,6 @@ import numpy as np
 
 from metaflow import optim
 
-INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
-
 
 @dataclasses.dataclass(frozen=True)
 class WeightTiedProblem:
@@ -42,8 +40,8 @@ class WeightTiedProblem:
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.inner_optimizer not in INNER_OPTIMIZERS:
-      raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, "
+    if self.inner_optimizer not in optim.NAMES:
+      raise ValueError(f"inner_optimizer must be one of {optim.NAMES}, "
                        f"got {self.inner_optimizer!r}.")
 
   def forward(self, theta, x):
@@ -69,10 +67,7 @@ class WeightTiedProblem:
 
   def optimizer(self, eta):
     learning_rates = jax.tree.map(jnp.exp, eta["log_lr"])
-    if self.inner_optimizer == "adam":
-      return optim.adam(learning_rates)
-    momentum = 0.9 if self.inner_optimizer == "momentum" else None
-    return optim.sgd(learning_rates, momentum=momentum)
+    return optim.create(self.inner_optimizer, learning_rates)
 
   @property
   def _base_lr(self) -> float:

@@ -11,23 +11,13 @@ from metaflow import optim
 
 IN, HIDDEN, BATCH = 3, 5, 4
 KINDS = ("init", "lr", "loss_weights")
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = optim.NAMES
 
 
 def mlp(theta, x):
   """x: [B, IN] -> [B]."""
   h = jnp.tanh(x @ theta["w1"] + theta["b1"])
   return (h @ theta["w2"])[:, 0]
-
-
-def make_optimizer(name: str, learning_rate):
-  if name == "sgd":
-    return optim.sgd(learning_rate)
-  if name == "momentum":
-    return optim.sgd(learning_rate, momentum=0.9)
-  if name == "adam":
-    return optim.adam(learning_rate)
-  raise ValueError(name)
 
 
 def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0):
@@ -59,18 +49,18 @@ def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0)
     eta = theta0
     init_params = lambda eta: eta
     inner_loss = lambda theta, eta, batch: jnp.mean(sq_err(theta, batch))
-    optimizer = make_optimizer(opt_name, base_lr)
+    optimizer = optim.create(opt_name, base_lr)
   elif kind == "lr":
     eta = jax.tree.map(
         lambda p: jnp.log(base_lr) + arr(*p.shape, scale=0.2), theta0)
     inner_loss = lambda theta, eta, batch: jnp.mean(sq_err(theta, batch))
-    optimizer = lambda eta: make_optimizer(opt_name, jax.tree.map(jnp.exp, eta))
+    optimizer = lambda eta: optim.create(opt_name, jax.tree.map(jnp.exp, eta))
   elif kind == "loss_weights":
     eta = {"logits": arr(BATCH)}
     def inner_loss(theta, eta, batch):
       weights = 2.0 * jax.nn.sigmoid(eta["logits"])
       return jnp.mean(weights * sq_err(theta, batch))
-    optimizer = make_optimizer(opt_name, base_lr)
+    optimizer = optim.create(opt_name, base_lr)
   else:
     raise ValueError(kind)
   return (inner_loss, outer_loss, optimizer, init_params, eta, theta0,

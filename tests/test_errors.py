@@ -95,3 +95,8 @@ def test_mixflow_refuses_eta_closed_over_by_the_loss():
     return fn(jnp.zeros(()), THETA0 + 1.0, jnp.ones((2, 3)), jnp.ones(3))[0]
   with pytest.raises(Exception, match="closed-over value"):
     jax.grad(objective)(ETA)
+
+
+def test_unknown_inner_optimizer_name():
+  with pytest.raises(ValueError, match="Unknown inner optimiser 'rmsprop'"):
+    metaflow.optim.create("rmsprop", 0.1)
