@@ -3,30 +3,53 @@
 The core is MixFlow-MG (Kemaev et al., ICML 2025): the meta-gradient of
 truncated back-propagation through an unrolled inner loop, with the inner
 gradient differentiated forward-over-reverse instead of reverse-over-reverse.
+Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
+meta-learned) and `BilevelTrainer` (outer loop, evaluation, Orbax checkpoints,
+Grain data, clu metrics).
 """
 
-from metaflow import memory, optim
+from metaflow import checkpoint, data, memory, metrics, optim
+from metaflow.checkpoint import IncompatibleCheckpointError
 from metaflow.memory import MemoryReport
+from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
+                                  MetaParams)
 from metaflow.mixflow import inner_value_and_grad, mixflow_value_and_grad
 from metaflow.strategy import Strategy, all_strategies, valid_strategy_names
+from metaflow.task import Task, create_task, register, registered_tasks
+from metaflow.trainer import BilevelTrainer, FitResult, TrainState
 from metaflow.unroll import (InnerLoopResult, MetaAux, MetaGradient, inner_loop,
                              meta_value_and_grad, meta_value_and_grad_with_aux)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilevelTrainer",
+    "FitResult",
+    "IncompatibleCheckpointError",
     "InnerLoopResult",
+    "LearnedLearningRates",
+    "LossWeights",
     "MemoryReport",
+    "Meta",
     "MetaAux",
     "MetaGradient",
+    "MetaParams",
     "Strategy",
+    "Task",
+    "TrainState",
     "all_strategies",
+    "checkpoint",
+    "create_task",
+    "data",
     "inner_loop",
     "inner_value_and_grad",
     "memory",
     "meta_value_and_grad",
     "meta_value_and_grad_with_aux",
+    "metrics",
     "mixflow_value_and_grad",
     "optim",
+    "register",
+    "registered_tasks",
     "valid_strategy_names",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 PyTree = Any
@@ -30,24 +31,53 @@ LearningRate = Union[float, jax.Array, optax.Schedule, PyTree]
 DEFAULT_EPS_ROOT = 1e-8
 
 
-def _is_scalar_like(x) -> bool:
-  return (isinstance(x, (int, float)) or callable(x)
-          or (hasattr(x, "shape") and hasattr(x, "dtype")))
+def _is_scalar(x) -> bool:
+  return isinstance(x, (int, float)) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+
+
+def _scale(updates: PyTree, learning_rate) -> PyTree:
+  """``-learning_rate * updates`` for a scalar or a params-shaped pytree rate."""
+  if _is_scalar(learning_rate):
+    return jax.tree.map(lambda u: (-learning_rate * u).astype(u.dtype), updates)
+  try:
+    return jax.tree.map(
+        lambda u, lr: (-lr * u).astype(u.dtype), updates, learning_rate)
+  except ValueError as e:
+    raise ValueError(
+        "A pytree learning rate must have the structure of the parameters "
+        f"({jax.tree.structure(updates)}); got "
+        f"{jax.tree.structure(learning_rate)}.") from e
 
 
 def scale_by_learning_rate(learning_rate: LearningRate) -> optax.GradientTransformation:
   """Multiplies updates by ``-learning_rate``.
 
   Args:
-    learning_rate: a scalar, a schedule ``count -> scalar``, or a pytree with
-      the structure of the parameters whose leaves broadcast against them
-      (scalars for per-tensor rates, full shapes for per-element rates).
+    learning_rate: a scalar; a pytree with the structure of the parameters
+      whose leaves broadcast against them (scalars for per-tensor rates, full
+      shapes for per-element rates); or a schedule ``count -> scalar or
+      pytree``, where ``count`` is the number of updates done so far (a
+      schedule over learned per-step rates ``lr[t]`` gives each inner step its
+      own learned learning rate).
 
   Returns:
-    A stateless transformation (stateful only for a schedule).
+    A stateless transformation, or one whose state is the update count for a
+    schedule.
   """
-  if _is_scalar_like(learning_rate):
-    return optax.scale_by_learning_rate(learning_rate)
+  if callable(learning_rate):
+    schedule = learning_rate
+
+    def init_schedule(params):
+      del params
+      return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_schedule(updates, state, params=None):
+      del params
+      scaled = _scale(updates, schedule(state.count))
+      return scaled, optax.ScaleByScheduleState(
+          count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init_schedule, update_schedule)
 
   def init_fn(params):
     del params
@@ -55,15 +85,7 @@ def scale_by_learning_rate(learning_rate: LearningRate) -> optax.GradientTransfo
 
   def update_fn(updates, state, params=None):
     del params
-    try:
-      scaled = jax.tree.map(
-          lambda u, lr: (-lr * u).astype(u.dtype), updates, learning_rate)
-    except ValueError as e:
-      raise ValueError(
-          "A pytree learning rate must have the structure of the parameters "
-          f"({jax.tree.structure(updates)}); got "
-          f"{jax.tree.structure(learning_rate)}.") from e
-    return scaled, state
+    return _scale(updates, learning_rate), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

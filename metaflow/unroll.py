@@ -177,7 +177,14 @@ class MetaGradient:
     object.__setattr__(self, "num_steps", _check_num_steps(self.num_steps))
     object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
 
-  def _objective(self, eta, theta0, inner_batches, outer_batch):
+  def objective(self, eta: PyTree, theta0: PyTree, inner_batches: PyTree,
+                outer_batch: PyTree) -> tuple[jax.Array, MetaAux]:
+    """``(V(theta_T, eta, x_val), MetaAux)``: the meta-objective itself.
+
+    Differentiating it with respect to eta (e.g. after ``jax.vmap`` over
+    tasks and a mean) gives the meta-gradient with this object's strategy;
+    `__call__` is ``jax.value_and_grad`` of it for one task.
+    """
     if self.init_params is not None:
       theta0 = self.init_params(eta)
     elif theta0 is None:
@@ -192,7 +199,7 @@ class MetaGradient:
 
   def __call__(self, eta, theta0, inner_batches, outer_batch):
     (value, aux), meta_grads = jax.value_and_grad(
-        self._objective, has_aux=True)(eta, theta0, inner_batches, outer_batch)
+        self.objective, has_aux=True)(eta, theta0, inner_batches, outer_batch)
     if self.has_aux:
       return (value, aux), meta_grads
     return value, meta_grads

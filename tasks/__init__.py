@@ -1,1 +1,3 @@
-"""Built-in bilevel problems."""
+"""Built-in bilevel problems; importing this package registers them by name."""
+
+from tasks import sinusoid  # noqa: F401

@@ -1,0 +1,28 @@
+"""Settings shared by every task; a task's config file starts from these.
+
+Every key can be overridden on the command line: ``--config.meta_steps=500``,
+``--config.task.num_shots=5``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # The task's own settings (fields of its Task dataclass), set per task.
+  config.task = ml_collections.ConfigDict()
+  # Gradient strategy: standard | mixflow, optionally +remat[+saved_inner_grads].
+  config.strategy = "mixflow"
+  config.inner_steps = 5            # T
+  config.meta_steps = 1000          # total meta-steps (a resumed run continues)
+  config.meta_batch_size = 4        # episodes per meta-step
+  config.outer_optimizer = "adam"   # adam | sgd
+  config.outer_lr = 1e-3
+  config.seed = 0
+  config.num_eval_tasks = 100       # held-out episodes per evaluation
+  config.eval_split = "validation"
+  config.log_every = 100
+  config.eval_every = 0             # 0: evaluate at the start and the end only
+  config.checkpoint_every = 500     # 0: checkpoint at the end only
+  config.num_workers = 0            # Grain worker processes (0: in process)
+  return config

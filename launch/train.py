@@ -1,0 +1,234 @@
+"""Meta-train a registered task.
+
+    python -m launch.train --task sinusoid_maml --workdir runs/sinusoid \\
+        [--strategy mixflow+remat] [--inner_steps 5] [--meta_steps 3000] \\
+        [--config launch/configs/sinusoid_maml.py] [--config.task.num_shots=5]
+
+The config is an ml_collections file (``get_config()``); by default
+``launch/configs/<task>.py`` (or ``default.py`` for a task without one), and any
+key can be overridden with ``--config.key=value``. ``--strategy``,
+``--inner_steps`` and ``--meta_steps`` are shortcuts for ``config.strategy``,
+``config.inner_steps`` and ``config.meta_steps``.
+
+A ``--workdir`` that holds checkpoints is resumed from the latest one
+(``--meta_steps`` is the total); a checkpoint written with a different config
+is refused. TensorBoard event files are written to the workdir.
+
+``jax.distributed.initialize()`` is called only with ``--distributed`` or when
+a cluster environment is detected (see `cluster_detected`), so a laptop needs
+nothing. At the end the held-out outer loss after T inner steps is printed at
+the initial and at the final meta-parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Mapping, Optional, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+#: Config keys that may change when a run is resumed: they change how long it
+#: runs, how often it reports, and how the same meta-gradient is computed, not
+#: the trajectory of the meta-parameters.
+RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
+                  "num_workers", "strategy")
+
+#: Outer optimisers by name (``config.outer_optimizer``).
+OUTER_OPTIMIZERS = ("adam", "sgd")
+
+flags.DEFINE_string("task", None, "Registered task name, e.g. sinusoid_maml.")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard "
+                    "event files. Resumed if it holds checkpoints.")
+flags.DEFINE_string("strategy", None, "Gradient strategy (overrides "
+                    "config.strategy): standard | mixflow, +remat, "
+                    "+remat+saved_inner_grads.")
+flags.DEFINE_integer("inner_steps", None, "T (overrides config.inner_steps).")
+flags.DEFINE_integer("meta_steps", None, "Total meta-steps (overrides "
+                     "config.meta_steps).")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); "
+                  "default: only when a cluster environment is detected.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file (default: "
+    "launch/configs/<task>.py).", lock_config=True)
+
+
+class UsageError(Exception):
+  """Bad command-line input: reported as one line, without a traceback."""
+
+
+def cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether the environment looks like one process of a multi-process job
+  (a JAX coordinator address, Slurm or Open MPI with several tasks, or a
+  multi-host TPU slice)."""
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+  return bool(environ.get("JAX_COORDINATOR_ADDRESS")
+              or count("SLURM_NTASKS") > 1
+              or count("OMPI_COMM_WORLD_SIZE") > 1
+              or "," in environ.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def config_path(task: str) -> str:
+  """The default config file of ``task``."""
+  path = os.path.join(CONFIG_DIR, f"{task}.py")
+  return path if os.path.exists(path) else os.path.join(CONFIG_DIR, "default.py")
+
+
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("_metaflow_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def prepare_argv(argv: Sequence[str]) -> list[str]:
+  """Checks ``--task`` and the ``--config.*`` keys and adds the task's default
+  ``--config`` file, so that absl parses the rest.
+
+  Raises:
+    UsageError: missing or unknown task, missing config file, unknown key.
+  """
+  import tasks  # noqa: F401  (registers the built-in tasks)
+  from metaflow.task import registered_tasks
+
+  argv = list(argv)
+  task = _flag_value(argv, "task")
+  if not task:
+    raise UsageError("--task is required; registered tasks: "
+                     f"{', '.join(registered_tasks())}.")
+  if task not in registered_tasks():
+    raise UsageError(f"unknown task {task!r}; registered tasks: "
+                     f"{', '.join(registered_tasks())}.")
+  path = _flag_value(argv, "config")
+  if path is None:
+    path = config_path(task)
+    argv.insert(1, f"--config={path}")
+  if not os.path.isfile(path.split(":", 1)[0]):
+    raise UsageError(f"config file {path!r} does not exist.")
+  config = _load_config(path.split(":", 1)[0])
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    for i, part in enumerate(key.split(".")):
+      if not hasattr(node, "keys") or part not in node:
+        parent = ".".join(key.split(".")[:i]) or "config"
+        valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+        raise UsageError(f"unknown config key {key!r} (valid keys of {parent}: "
+                         f"{valid}).")
+      node = node[part]
+  return argv
+
+
+def _outer_optimizer(name: str, learning_rate: float):
+  import optax
+  if name not in OUTER_OPTIMIZERS:
+    raise ValueError(f"unknown outer_optimizer {name!r}; expected one of "
+                     f"{OUTER_OPTIMIZERS}.")
+  return getattr(optax, name)(learning_rate)
+
+
+def _resolved_config():
+  config = _CONFIG.value.unlock()
+  for name in ("strategy", "inner_steps", "meta_steps"):
+    value = getattr(flags.FLAGS, name)
+    if value is not None:
+      config[name] = value
+  return config.lock()
+
+
+def build(task_name: str, config):
+  """The task and `BilevelTrainer` of a config; ValueError etc. on bad input."""
+  from metaflow.task import create_task
+  from metaflow.trainer import BilevelTrainer
+
+  task = create_task(task_name, **config.task.to_dict())
+  return BilevelTrainer(
+      task, strategy=config.strategy, num_inner_steps=config.inner_steps,
+      meta_batch_size=config.meta_batch_size,
+      outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
+      seed=config.seed, eval_split=config.eval_split,
+      num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers)
+
+
+def _only_our_info_logs(record) -> bool:
+  """absl handler filter: INFO lines from metaflow, tasks, launch and clu (the
+  metric rows and progress); warnings and errors from everyone. Orbax and
+  JAX log every checkpoint and backend detail at INFO."""
+  return record.levelno >= logging.converter.STANDARD_WARNING or any(
+      f"{os.sep}{name}{os.sep}" in record.pathname
+      for name in ("metaflow", "tasks", "launch", "clu"))
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_only_our_info_logs)
+  import jax
+  from metaflow import checkpoint
+
+  if flags.FLAGS.distributed or (flags.FLAGS.distributed is None
+                                 and cluster_detected()):
+    jax.distributed.initialize()
+  task_name = flags.FLAGS.task
+  config = _resolved_config()
+  if not flags.FLAGS.workdir:
+    raise UsageError("--workdir is required.")
+  try:
+    checkpoint.check_workdir(flags.FLAGS.workdir)
+    trainer = build(task_name, config)
+  except (ValueError, TypeError, OSError) as e:
+    raise UsageError(str(e)) from None
+  run_config = {k: v for k, v in config.to_dict().items()
+                if k not in RESUMABLE_KEYS}
+  logging.info("Task %s, strategy %s, T=%d, meta-batch %d, %d meta-steps.",
+               task_name, trainer.strategy.name, trainer.num_inner_steps,
+               trainer.meta_batch_size, config.meta_steps)
+  try:
+    result = trainer.fit(
+        config.meta_steps, flags.FLAGS.workdir, log_every=config.log_every,
+        eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+        run_config=run_config)
+  except checkpoint.IncompatibleCheckpointError as e:
+    raise UsageError(str(e)) from None
+  if jax.process_index() == 0:
+    before, after = result.initial_eval, result.final_eval
+    print(f"{task_name}: held-out outer loss after T={trainer.num_inner_steps} "
+          f"inner steps ({config.num_eval_tasks} {config.eval_split} tasks): "
+          f"{before['outer_loss']:.4f} at the initial meta-parameters -> "
+          f"{after['outer_loss']:.4f} after {int(result.state.step)} meta-steps")
+    for key in sorted(set(after) - {"outer_loss"}):
+      print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+  """Entry point: bad input is reported as ``error: ...`` (exit status 2)."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv = prepare_argv(argv)
+    app.run(main, argv=argv)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

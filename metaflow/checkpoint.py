@@ -1,0 +1,127 @@
+"""Orbax checkpoints of meta-training: state, data position and config.
+
+One checkpoint (a step directory under ``workdir/checkpoints``) holds three
+items written atomically together by an ``orbax.checkpoint.CheckpointManager``:
+
+* ``state``: the `TrainState` pytree (meta-parameters eta, outer optimiser
+  state, step, RNG key);
+* ``data``: the Grain iterator state (how many meta-batches were consumed);
+* ``config``: the JSON fingerprint of everything that determines the run.
+
+Resuming restores all three, so continuing from a checkpoint is bit-identical
+to a run that never stopped. A checkpoint whose fingerprint differs from the
+current run's is refused (`IncompatibleCheckpointError`) instead of mixing two
+runs. Orbax finalises a step directory only after all items are written, so a
+process killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import grain
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds a checkpoint of a run with a different config."""
+
+
+def _normalise(config: Mapping[str, Any]) -> dict:
+  """The config as JSON would restore it (tuples -> lists, keys -> str)."""
+  return json.loads(json.dumps(config, sort_keys=True, default=repr))
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
+                prefix: str = "") -> list[str]:
+  """Human-readable differences between two nested config dicts."""
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    name = f"{prefix}{key}"
+    if key not in saved:
+      diffs.append(f"{name}: not in the checkpoint, now {current[key]!r}")
+    elif key not in current:
+      diffs.append(f"{name}: {saved[key]!r} in the checkpoint, absent now")
+    elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+      diffs.extend(config_diff(saved[key], current[key], name + "."))
+    elif saved[key] != current[key]:
+      diffs.append(f"{name}: {saved[key]!r} in the checkpoint, now "
+                   f"{current[key]!r}")
+  return diffs
+
+
+def check_workdir(workdir: str | os.PathLike) -> str:
+  """``workdir`` as a string; creates it; a clear error if it is a file."""
+  workdir = os.fspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir!r} exists and is not a "
+                             "directory.")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+class Checkpointer:
+  """Saves and restores meta-training under ``workdir/checkpoints``.
+
+  Args:
+    workdir: the run directory (created if missing).
+    config: the run's fingerprint (JSON-serialisable nested dict).
+    max_to_keep: number of most recent checkpoints kept.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, config: Mapping[str, Any],
+               max_to_keep: int = 3):
+    self.directory = os.path.join(os.path.abspath(check_workdir(workdir)),
+                                  "checkpoints")
+    self.config = _normalise(config)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=False))
+
+  def latest_step(self) -> Optional[int]:
+    """The step of the latest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree,
+           data_iterator: grain.DatasetIterator) -> None:
+    """Writes checkpoint ``step`` (no-op if it already exists)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(self.config)))
+    self._manager.wait_until_finished()
+
+  def restore(self, state: PyTree, data_iterator: grain.DatasetIterator
+              ) -> Optional[PyTree]:
+    """Restores the latest checkpoint into ``data_iterator`` and returns the
+    state (shaped like the template ``state``), or None if there is none.
+
+    Raises:
+      IncompatibleCheckpointError: the checkpoint's config differs.
+    """
+    step = self.latest_step()
+    if step is None:
+      return None
+    saved = self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    diffs = config_diff(saved, self.config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f"The checkpoint at {self.directory} (step {step}) was written by a "
+          f"run with a different config: {'; '.join(diffs)}. Use another "
+          "--workdir, or the same config to resume.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def close(self) -> None:
+    self._manager.close()

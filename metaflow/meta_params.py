@@ -1,0 +1,280 @@
+"""`MetaParams`: a declarative spec of what is meta-learned.
+
+The meta-parameters eta are one plain dict pytree (checkpointable, shardable),
+with an entry per kind that the spec turns on:
+
+=================  ==========================================================
+``eta["init"]``    learned initialisation theta0 (MAML): a pytree shaped like
+                   theta; the inner loop starts from it.
+``eta["log_lr"]``  learned inner learning rates, log-parameterised
+                   (``lr = exp(log_lr)``, so they stay positive); a scalar,
+                   one per parameter tensor, or one per parameter element,
+                   each optionally with a leading axis T (one per inner
+                   step). They enter the inner optimiser's update Phi.
+``eta["loss_weights"]``  the ``nnx.Param`` state of a small NNX rater network
+                   whose output gives per-example or per-token weights
+                   ``w = max_weight * sigmoid(rater(features))`` in
+                   ``[0, max_weight]``; they enter the inner loss L.
+``eta["user"]``    arbitrary user meta-parameters ``{name: pytree}``, read by
+                   the task's losses through `Meta.user`.
+=================  ==========================================================
+
+`MetaParams.init` builds eta; `MetaParams.theta0`, `MetaParams.inner_optimizer`
+and `Meta` (the view that losses receive) are how each kind is used. Every kind
+is differentiated by every gradient strategy: eta may enter theta0, Phi and L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+PyTree = Any
+Granularity = Literal["scalar", "tensor", "element"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedLearningRates:
+  """Learned inner learning rates ``exp(eta["log_lr"])``.
+
+  Attributes:
+    init: initial learning rate (every entry starts at ``log(init)``).
+    granularity: ``"scalar"`` (one rate), ``"tensor"`` (one per parameter
+      tensor) or ``"element"`` (one per parameter entry, Meta-SGD).
+    per_step: if True, each of the T inner steps has its own rates (a leading
+      axis T on every leaf of ``eta["log_lr"]``).
+  """
+  init: float = 1e-2
+  granularity: Granularity = "tensor"
+  per_step: bool = False
+
+  def __post_init__(self):
+    if self.granularity not in ("scalar", "tensor", "element"):
+      raise ValueError(
+          f"LearnedLearningRates.granularity must be 'scalar', 'tensor' or "
+          f"'element', got {self.granularity!r}.")
+    if not self.init > 0:
+      raise ValueError(
+          f"LearnedLearningRates.init must be > 0 (it is log-parameterised), "
+          f"got {self.init}.")
+
+  def init_log_lr(self, theta: PyTree, num_steps: int) -> PyTree:
+    lead = (num_steps,) if self.per_step else ()
+    # The default float dtype (float64 under jax.enable_x64).
+    log_init = jnp.log(jnp.asarray(self.init, jnp.result_type(float)))
+
+    def full(shape):
+      return jnp.full(lead + tuple(shape), log_init)
+
+    if self.granularity == "scalar":
+      return full(())
+    if self.granularity == "tensor":
+      return jax.tree.map(lambda p: full(()), theta)
+    return jax.tree.map(lambda p: full(jnp.shape(p)), theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Per-example or per-token loss weights from a meta-learned NNX rater.
+
+  Attributes:
+    network: ``rngs -> nnx.Module``; the module maps features ``[..., F]``
+      (chosen by the task, see `Meta.weighted_mean`) to scores ``[..., 1]`` or
+      ``[...]``. Its ``nnx.Param`` state is ``eta["loss_weights"]``.
+    max_weight: weights are ``max_weight * sigmoid(score)``, in
+      ``[0, max_weight]``; with the default 2 a rater that outputs 0 gives
+      weight 1 (the unweighted loss).
+  """
+  network: Callable[[nnx.Rngs], nnx.Module]
+  max_weight: float = 2.0
+
+  def __post_init__(self):
+    if not callable(self.network):
+      raise TypeError("LossWeights.network must be a callable rngs -> "
+                      f"nnx.Module, got {self.network!r}.")
+    if not self.max_weight > 0:
+      raise ValueError(f"LossWeights.max_weight must be > 0, got "
+                       f"{self.max_weight}.")
+
+  @functools.cached_property
+  def graphdef(self) -> nnx.GraphDef:
+    """The rater's structure (no arrays are allocated to find it)."""
+    abstract = nnx.eval_shape(lambda: self.network(nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    return graphdef
+
+  def init_params(self, key: jax.Array) -> PyTree:
+    graphdef, params, rest = nnx.split(self.network(nnx.Rngs(key)), nnx.Param,
+                                       ...)
+    if jax.tree.leaves(rest):
+      raise ValueError(
+          "The loss-weight rater may only hold nnx.Param state (it is applied "
+          "functionally inside the inner loss); found other state: "
+          f"{jax.tree.structure(rest)}.")
+    del graphdef
+    return nnx.to_pure_dict(params)
+
+  def weights(self, params: PyTree, features: jax.Array) -> jax.Array:
+    rater = nnx.merge(self.graphdef, params)
+    score = rater(features)
+    if score.ndim == features.ndim and score.shape[-1] == 1:
+      score = score[..., 0]
+    return self.max_weight * jax.nn.sigmoid(score)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaParams:
+  """What is meta-learned; composable (any subset of the kinds).
+
+  Attributes:
+    learn_init: learn theta0 (MAML) as ``eta["init"]``.
+    learning_rate: the inner learning rate: a fixed float, or
+      `LearnedLearningRates` to learn it (``eta["log_lr"]``).
+    loss_weights: optional `LossWeights` rater (``eta["loss_weights"]``).
+    user: ``{name: key -> pytree}`` initialisers of arbitrary user
+      meta-parameters (``eta["user"][name]``), read by losses via `Meta.user`.
+  """
+  learn_init: bool = False
+  learning_rate: Union[float, LearnedLearningRates] = 1e-2
+  loss_weights: Optional[LossWeights] = None
+  user: Mapping[str, Callable[[jax.Array], PyTree]] = dataclasses.field(
+      default_factory=dict)
+
+  def __post_init__(self):
+    if not isinstance(self.learning_rate, LearnedLearningRates):
+      if isinstance(self.learning_rate, bool) or not isinstance(
+          self.learning_rate, (int, float)) or not self.learning_rate > 0:
+        raise ValueError(
+            "MetaParams.learning_rate must be a positive float or "
+            f"LearnedLearningRates, got {self.learning_rate!r}.")
+    for name, fn in self.user.items():
+      if not callable(fn):
+        raise TypeError(f"MetaParams.user[{name!r}] must be a callable "
+                        f"key -> pytree, got {fn!r}.")
+    if not self.kinds:
+      raise ValueError(
+          "MetaParams learns nothing: set learn_init=True, "
+          "learning_rate=LearnedLearningRates(...), loss_weights=LossWeights("
+          "...) or user={...}.")
+
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    """The keys of eta this spec creates, e.g. ``("init", "log_lr")``."""
+    kinds = []
+    if self.learn_init:
+      kinds.append("init")
+    if isinstance(self.learning_rate, LearnedLearningRates):
+      kinds.append("log_lr")
+    if self.loss_weights is not None:
+      kinds.append("loss_weights")
+    if self.user:
+      kinds.append("user")
+    return tuple(kinds)
+
+  def init(self, key: jax.Array, theta: PyTree, num_steps: int) -> dict:
+    """The initial eta for inner parameters shaped like ``theta``.
+
+    Args:
+      key: PRNG key (for the rater and user initialisers).
+      theta: the inner model's initial parameters (copied into
+        ``eta["init"]`` when the initialisation is learned).
+      num_steps: T (the leading axis of per-step learning rates).
+    """
+    eta = {}
+    k_rater, k_user = jax.random.split(key)
+    if self.learn_init:
+      eta["init"] = jax.tree.map(jnp.asarray, theta)
+    if isinstance(self.learning_rate, LearnedLearningRates):
+      eta["log_lr"] = self.learning_rate.init_log_lr(theta, num_steps)
+    if self.loss_weights is not None:
+      eta["loss_weights"] = self.loss_weights.init_params(k_rater)
+    if self.user:
+      keys = jax.random.split(k_user, len(self.user))
+      eta["user"] = {name: fn(k) for (name, fn), k
+                     in zip(sorted(self.user.items()), keys)}
+    return eta
+
+  def theta0(self, eta: dict, theta: PyTree) -> PyTree:
+    """The inner loop's start: ``eta["init"]`` if learned, else ``theta``."""
+    return eta["init"] if self.learn_init else theta
+
+  def learning_rate_for(self, eta: dict):
+    """The inner learning rate: a float, a pytree, or a per-step schedule."""
+    if not isinstance(self.learning_rate, LearnedLearningRates):
+      return self.learning_rate
+    lr = jax.tree.map(jnp.exp, eta["log_lr"])
+    if not self.learning_rate.per_step:
+      return lr
+
+    def schedule(count):
+      def at(leaf):
+        return leaf[jnp.minimum(count, leaf.shape[0] - 1)]
+      return jax.tree.map(at, lr)
+
+    return schedule
+
+  def inner_optimizer(self, eta: dict,
+                      make: Callable[[Any], optax.GradientTransformation]
+                      ) -> optax.GradientTransformation:
+    """The inner optimiser ``make(learning_rate)`` with eta's learning rate."""
+    return make(self.learning_rate_for(eta))
+
+  def view(self, eta: dict) -> "Meta":
+    """The `Meta` that the task's losses receive."""
+    return Meta(self, eta)
+
+
+class Meta:
+  """What a loss sees of eta: loss weighting and user meta-parameters.
+
+  Built by the framework inside the traced loss; differentiating through its
+  methods differentiates with respect to eta.
+  """
+
+  def __init__(self, spec: MetaParams, eta: dict, weighted: bool = True):
+    self.spec = spec
+    self.eta = eta
+    self._weighted = weighted
+
+  @property
+  def user(self) -> dict:
+    """``eta["user"]``: the user meta-parameters by name."""
+    return self.eta.get("user", {})
+
+  def unweighted(self) -> "Meta":
+    """The same view with loss weighting off (for the outer loss V)."""
+    return Meta(self.spec, self.eta, weighted=False)
+
+  def loss_weights(self, features: jax.Array) -> Optional[jax.Array]:
+    """Weights ``[...]`` in ``[0, max_weight]`` for features ``[..., F]``,
+    or None when the spec has no loss weighting (or this view is unweighted)."""
+    if self.spec.loss_weights is None or not self._weighted:
+      return None
+    return self.spec.loss_weights.weights(self.eta["loss_weights"], features)
+
+  def weighted_mean(self, losses: jax.Array,
+                    features: Optional[jax.Array] = None) -> jax.Array:
+    """``mean(w * losses)`` with ``w = loss_weights(features)``, or
+    ``mean(losses)`` without loss weighting.
+
+    Args:
+      losses: per-example ``[B]`` or per-token ``[B, L]`` losses.
+      features: ``[*losses.shape, F]``, the rater's input (required when the
+        spec has loss weights).
+    """
+    w = self.loss_weights(features) if features is not None else None
+    if self.spec.loss_weights is not None and self._weighted:
+      if features is None:
+        raise ValueError("This MetaParams learns loss weights: the task must "
+                         "pass features to Meta.weighted_mean.")
+      if w.shape != losses.shape:
+        raise ValueError(f"Loss weights have shape {w.shape} but the losses "
+                         f"have shape {losses.shape}.")
+      return jnp.mean(w * losses)
+    return jnp.mean(losses)

@@ -1,0 +1,220 @@
+"""`Task`: the contract a bilevel problem implements, and the task registry.
+
+A task says what the inner model is, what the inner loss L and the outer loss V
+are on ``(model, meta, batch)``, what is meta-learned (`MetaParams`), which
+inner optimiser Phi runs, and where the episodes come from. The framework
+(`BilevelTrainer`) does everything else: it splits the model with
+``nnx.split`` into the trained state theta (``nnx.Param`` by default) and the
+rest, re-merges a module around each theta inside the inner loop, builds eta,
+the meta-gradient, the outer loop, evaluation, checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from metaflow import optim
+from metaflow.meta_params import Meta, MetaParams
+from metaflow.strategy import Strategy
+
+PyTree = Any
+
+
+class Task(abc.ABC):
+  """A bilevel problem: subclass it, implement the abstract methods, register.
+
+  **Episodes.** `dataset` returns a ``grain.MapDataset`` whose items are
+  episodes (dicts of numpy arrays, one task each). `split_episode` turns an
+  episode into ``(inner_batches, outer_batch)``; by default an episode is
+  ``{"support": ..., "query": ...}``, every inner step sees the whole support
+  set (full-batch, as in MAML) and V is evaluated on the query set. Episodes
+  are stacked into meta-batches and vmapped.
+
+  **Inner state policy (BatchNorm and other non-Param state).** Only the state
+  selected by ``trainable`` (``nnx.Param``) is theta: it is updated by the
+  inner optimiser and differentiated. Every other variable (e.g. BatchNorm's
+  running statistics, ``nnx.BatchStat``) is a constant of the whole bilevel
+  problem: each inner step re-merges the module with the values it had at
+  initialisation, and any update a module makes to it during a loss is
+  discarded (never carried between inner steps, never meta-learned). A
+  BatchNorm in training mode therefore normalises with the statistics of the
+  current batch (transductive batch norm, as in MAML) and needs no carried
+  state; in evaluation mode it uses the initial running statistics. Prefer
+  LayerNorm/GroupNorm when that matters.
+
+  **Strategies.** Every meta-parameter kind of `MetaParams` (learned
+  initialisation, learning rates, loss weights, user meta-parameters) works
+  with every gradient strategy (``standard``, ``mixflow``, ``+remat``,
+  ``+remat+saved_inner_grads``): eta may enter theta0, Phi and L, and all of
+  them compute the same meta-gradient. A task whose losses cannot be handled
+  by some strategy lists the ones it supports in ``supported_strategies`` and
+  says why in ``unsupported_reason``; `check_strategy` then rejects the others
+  before anything is compiled. MixFlow-MG differentiates the inner gradient
+  forward-mode, so L must be ``jax.jvp``-able (a custom-VJP op without a JVP
+  rule inside L is the typical reason to restrict a task to ``standard``).
+
+  Class attributes:
+    name: the registry name (set by `register`).
+    trainable: the ``nnx`` filter of theta (default ``nnx.Param``).
+    resample_init: if True and the initialisation is not meta-learned, theta0
+      is a fresh model initialisation at every meta-step (drawn from the
+      trainer's RNG), so learned hyper-parameters do not overfit one init.
+    supported_strategies: strategy names this task supports (None: all).
+    unsupported_reason: why the others are not supported.
+  """
+
+  name: ClassVar[str] = ""
+  trainable: ClassVar[Any] = nnx.Param
+  resample_init: bool = False
+  supported_strategies: ClassVar[Optional[tuple[str, ...]]] = None
+  unsupported_reason: ClassVar[str] = ""
+
+  @abc.abstractmethod
+  def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The inner model, freshly initialised from ``rngs``."""
+
+  @abc.abstractmethod
+  def inner_loss(self, model: nnx.Module, meta: Meta, batch: PyTree) -> jax.Array:
+    """L: the scalar inner (training) loss of ``model`` on one batch.
+
+    Use ``meta.weighted_mean(per_example_losses, features)`` to reduce so that
+    learned loss weights (if the `MetaParams` has them) apply.
+    """
+
+  def outer_loss(self, model: nnx.Module, meta: Meta, batch: PyTree) -> jax.Array:
+    """V: the scalar outer (validation) loss of the adapted model; by default
+    the inner loss without loss weighting."""
+    return self.inner_loss(model, meta.unweighted(), batch)
+
+  @abc.abstractmethod
+  def meta_params(self) -> MetaParams:
+    """What is meta-learned."""
+
+  def inner_optimizer(self, learning_rate: Any) -> optax.GradientTransformation:
+    """Phi, given the (possibly learned, pytree or per-step) learning rate;
+    plain SGD by default. Use `metaflow.optim` (safe to differentiate)."""
+    return optim.sgd(learning_rate)
+
+  @abc.abstractmethod
+  def dataset(self, split: str, seed: int) -> grain.MapDataset:
+    """Episodes of ``split`` (``"train"``, ``"validation"`` or ``"test"``),
+    deterministic given ``seed``; see `metaflow.data.episodes`."""
+
+  def split_episode(self, episode: PyTree, num_steps: int
+                    ) -> tuple[PyTree, PyTree]:
+    """``(inner_batches, outer_batch)``; inner leaves get a leading axis T."""
+    inner = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_steps,) + jnp.shape(x)),
+        episode["support"])
+    return inner, episode["query"]
+
+  def eval_metrics(self, model: nnx.Module, meta: Meta, batch: PyTree
+                   ) -> dict[str, jax.Array]:
+    """Extra scalar metrics of the adapted model on the outer batch (e.g.
+    accuracy), averaged over evaluation episodes. None by default."""
+    del model, meta, batch
+    return {}
+
+  def config(self) -> dict[str, Any]:
+    """The task's settings (for checkpoint compatibility checks): the
+    dataclass fields of a dataclass task, else empty."""
+    if dataclasses.is_dataclass(self):
+      return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {}
+
+  def check_strategy(self, strategy: Strategy) -> None:
+    """Raises ValueError, before anything is compiled, if this task cannot
+    use ``strategy``."""
+    if (self.supported_strategies is not None
+        and strategy.name not in self.supported_strategies):
+      raise ValueError(
+          f"Task {self.name or type(self).__name__!r} does not support strategy "
+          f"{strategy.name!r} (supported: {', '.join(self.supported_strategies)})"
+          f": {self.unsupported_reason or 'no reason given'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Functional:
+  """A task's losses as pure functions of ``(theta, eta, batch)``.
+
+  ``theta`` is the pure dict of the trained state; the other state (``rest``)
+  is a constant (see `Task`'s inner state policy). This is the bridge between
+  NNX modules and the engine (`metaflow.meta_value_and_grad`).
+  """
+  task: Task
+  spec: MetaParams
+  graphdef: nnx.GraphDef
+  rest: PyTree
+
+  @classmethod
+  def of(cls, task: Task, model: nnx.Module) -> tuple["Functional", PyTree]:
+    """Splits ``model``; returns the functional view and its theta."""
+    graphdef, theta, rest = nnx.split(model, task.trainable, ...)
+    return (cls(task, task.meta_params(), graphdef, nnx.to_pure_dict(rest)),
+            nnx.to_pure_dict(theta))
+
+  def model(self, theta: PyTree) -> nnx.Module:
+    """A module with parameters ``theta`` (and the constant rest)."""
+    return nnx.merge(self.graphdef, theta, self.rest)
+
+  def inner_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
+    return self.task.inner_loss(self.model(theta), self.spec.view(eta), batch)
+
+  def outer_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
+    return self.task.outer_loss(self.model(theta), self.spec.view(eta), batch)
+
+  def eval_metrics(self, theta: PyTree, eta: dict, batch: PyTree) -> dict:
+    return self.task.eval_metrics(self.model(theta), self.spec.view(eta), batch)
+
+  def optimizer(self, eta: dict) -> optax.GradientTransformation:
+    """Phi for meta-parameters eta (learned learning rates enter here)."""
+    return self.spec.inner_optimizer(eta, self.task.inner_optimizer)
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(name: str) -> Callable[[type[Task]], type[Task]]:
+  """Class decorator: registers a `Task` subclass under ``name``."""
+  def wrap(cls: type[Task]) -> type[Task]:
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+      raise TypeError(f"register({name!r}) expects a Task subclass, got {cls!r}.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+      raise ValueError(f"A different task is already registered as {name!r}: "
+                       f"{_REGISTRY[name].__module__}.{_REGISTRY[name].__name__}.")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+  return wrap
+
+
+def registered_tasks() -> tuple[str, ...]:
+  """Names of the registered tasks, sorted."""
+  return tuple(sorted(_REGISTRY))
+
+
+def create_task(name: str, **settings: Any) -> Task:
+  """The registered task ``name`` constructed with ``settings``.
+
+  Raises:
+    ValueError: unknown task name, or a setting the task does not have.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown task {name!r}; registered tasks: "
+                     f"{', '.join(registered_tasks()) or '(none)'}.")
+  cls = _REGISTRY[name]
+  if dataclasses.is_dataclass(cls):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+      raise ValueError(f"Task {name!r} has no setting(s) {', '.join(unknown)}; "
+                       f"its settings are: {', '.join(sorted(known))}.")
+  return cls(**settings)

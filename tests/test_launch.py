@@ -1,0 +1,99 @@
+"""`python -m launch.train`: every strategy runs for every built-in task from
+the command line; bad input is one clear line, not a traceback; TensorBoard
+event files with the outer loss are written."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import metaflow
+from launch import train
+from metaflow import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILT_IN = ("sinusoid_maml", "fewshot_classification")
+SMALL = ["--config.meta_batch_size=2", "--config.num_eval_tasks=2",
+         "--config.log_every=1", "--meta_steps=2", "--inner_steps=2"]
+
+
+def run_train(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "launch.train", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_built_in_tasks_are_registered():
+  train.prepare_argv(["train", "--task", "sinusoid_maml"])
+  assert set(BUILT_IN) <= set(metaflow.registered_tasks())
+
+
+@pytest.mark.parametrize("task", BUILT_IN)
+@pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
+def test_every_strategy_for_every_task(task, strategy, tmp_path):
+  done = run_train("--task", task, f"--workdir={tmp_path}",
+                   f"--strategy={strategy}", *SMALL)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"strategy {strategy}," in done.stderr
+  assert "held-out outer loss after T=2 inner steps" in done.stdout
+  scalars = metrics.read_scalars(tmp_path)
+  assert [step for step, _ in scalars["train/outer_loss"]] == [1, 2]
+  assert [step for step, _ in scalars["eval/outer_loss"]] == [0, 2]
+  assert all(np.isfinite(v) for _, v in scalars["train/outer_loss"])
+
+
+def _bad_npz(tmp_path):
+  path = tmp_path / "bad.npz"
+  np.savez(path, images=np.zeros((10, 8)), labels=np.zeros((10,), int))
+  return str(path)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d: ["--task", "nope", f"--workdir={d}"],
+     "error: unknown task 'nope'; registered tasks: "),
+    (lambda d: [f"--workdir={d}"], "error: --task is required"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--config.no_such_key=1"],
+     "error: unknown config key 'no_such_key' (valid keys of config: "),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--config.task.nope=1"],
+     "error: unknown config key 'task.nope' (valid keys of task: "),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--config.meta_steps=many"],
+     "FATAL Flags parsing error: flag --config.meta_steps=many: invalid "
+     "literal for int()"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--strategy=reverse"], "error: Unknown strategy 'reverse'"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--config.task.num_shots=0"], "error: num_shots"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d / 'file'}"],
+     "is not a directory"),
+    (lambda d: ["--task", "fewshot_classification", f"--workdir={d}",
+                f"--config.task.data_path={d / 'missing.npz'}"],
+     "missing.npz"),
+    (lambda d: ["--task", "fewshot_classification", f"--workdir={d}",
+                f"--config.task.data_path={_bad_npz(d)}"], "error: "),
+], ids=["unknown-task", "no-task", "unknown-key", "unknown-task-key",
+        "wrong-type", "unknown-strategy", "bad-value", "workdir-is-file",
+        "missing-data-file", "bad-data-shape"])
+def test_bad_input_is_one_clear_line(make_args, message, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  done = run_train(*make_args(tmp_path))
+  assert done.returncode != 0
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  lines = [l for l in done.stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith(("error: ", "FATAL "))]
+  assert len(errors) == 1, done.stderr[-3000:]
+  assert message in errors[0], errors[0]
+
+
+def test_cluster_detection():
+  assert not train.cluster_detected({})
+  assert not train.cluster_detected({"SLURM_NTASKS": "1"})
+  assert train.cluster_detected({"SLURM_NTASKS": "4"})
+  assert train.cluster_detected({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert train.cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
+  assert train.cluster_detected({"TPU_WORKER_HOSTNAMES": "h0,h1"})
+  assert not train.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
