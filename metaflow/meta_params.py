@@ -110,14 +110,12 @@ class LossWeights:
     return graphdef
 
   def init_params(self, key: jax.Array) -> PyTree:
-    graphdef, params, rest = nnx.split(self.network(nnx.Rngs(key)), nnx.Param,
-                                       ...)
+    _, params, rest = nnx.split(self.network(nnx.Rngs(key)), nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise ValueError(
           "The loss-weight rater may only hold nnx.Param state (it is applied "
           "functionally inside the inner loss); found other state: "
           f"{jax.tree.structure(rest)}.")
-    del graphdef
     return nnx.to_pure_dict(params)
 
   def weights(self, params: PyTree, features: jax.Array) -> jax.Array:

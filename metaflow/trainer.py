@@ -19,7 +19,6 @@ and resumes with Orbax (`metaflow.checkpoint`).
 
 # No `from __future__ import annotations`: clu reads TrainMetrics annotations.
 
-import functools
 import os
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -146,6 +145,7 @@ class BilevelTrainer:
     self._step = jax.jit(self._meta_step, donate_argnums=0)
     self._jit_value_and_grad = jax.jit(self._value_and_grad)
     self._evaluate = jax.jit(self._evaluate_episodes)
+    self._eval_cache = {}
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> TrainState:
@@ -243,10 +243,13 @@ class BilevelTrainer:
     per_episode = jax.lax.map(one, episodes, batch_size=self.meta_batch_size)
     return jax.tree.map(jnp.mean, per_episode)
 
-  @functools.lru_cache(maxsize=4)
   def eval_episodes(self, split: str, num_tasks: int) -> PyTree:
     """The fixed held-out episodes of ``split`` (stacked, cached)."""
-    return data.take(self.task.dataset(split, self.seed), num_tasks)
+    key = (split, num_tasks)
+    if key not in self._eval_cache:
+      self._eval_cache[key] = data.take(self.task.dataset(split, self.seed),
+                                        num_tasks)
+    return self._eval_cache[key]
 
   def evaluate(self, eta: dict, split: Optional[str] = None,
                num_tasks: Optional[int] = None) -> dict[str, float]:

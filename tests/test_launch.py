@@ -17,6 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT_IN = ("sinusoid_maml", "fewshot_classification")
 SMALL = ["--config.meta_batch_size=2", "--config.num_eval_tasks=2",
          "--config.log_every=1", "--meta_steps=2", "--inner_steps=2"]
+# A smaller model for the command-line runs (compile time dominates them).
+TINY_MODEL = {"sinusoid_maml": ["--config.task.widths=(8,)"],
+              "fewshot_classification": ["--config.task.channels=4",
+                                         "--config.task.num_blocks=1"]}
 
 
 def run_train(*args, timeout=300):
@@ -34,7 +38,7 @@ def test_built_in_tasks_are_registered():
 @pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
 def test_every_strategy_for_every_task(task, strategy, tmp_path):
   done = run_train("--task", task, f"--workdir={tmp_path}",
-                   f"--strategy={strategy}", *SMALL)
+                   f"--strategy={strategy}", *SMALL, *TINY_MODEL[task])
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"strategy {strategy}," in done.stderr
   assert "held-out outer loss after T=2 inner steps" in done.stdout
@@ -97,3 +101,23 @@ def test_cluster_detection():
   assert train.cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
   assert train.cluster_detected({"TPU_WORKER_HOSTNAMES": "h0,h1"})
   assert not train.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
+
+
+def test_grain_worker_processes_from_command_line(tmp_path):
+  """Grain workers (which need absl flags parsed) under launch.train: resumed
+  with workers, the run matches one without workers (same episodes); resuming
+  with another number of workers is refused (Grain's state differs)."""
+  args = ["--task", "sinusoid_maml", *SMALL]
+  workers = "--config.num_workers=2"
+  first = run_train(*args, f"--workdir={tmp_path / 'a'}", workers)
+  assert first.returncode == 0, first.stderr[-3000:]
+  resumed = run_train(*args, f"--workdir={tmp_path / 'a'}", workers,
+                      "--meta_steps=4")
+  straight = run_train(*args, f"--workdir={tmp_path / 'b'}", "--meta_steps=4")
+  assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr
+  summary = lambda out: out.strip().splitlines()[0]
+  assert "after 4 meta-steps" in summary(resumed.stdout)
+  assert summary(resumed.stdout) == summary(straight.stdout)
+  refused = run_train(*args, f"--workdir={tmp_path / 'a'}", "--meta_steps=6")
+  assert refused.returncode != 0
+  assert "run.num_workers: 2 in the checkpoint, now 0" in refused.stderr

@@ -108,7 +108,7 @@ def _final_state(workdir):
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
-  meta_steps = 2000
+  meta_steps = 1200
   killed, straight = tmp_path / "killed", tmp_path / "straight"
   proc = subprocess.Popen(_train_cmd(killed, meta_steps), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,7 +116,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
-    if any(int(d) >= 400 for d in names if d.isdigit()):  # finalised steps
+    if any(int(d) >= 200 for d in names if d.isdigit()):  # finalised steps
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
