@@ -31,9 +31,17 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir holds a checkpoint of a run with a different config."""
 
 
+def _json_default(value: Any) -> str:
+  """Functions and classes by qualified name (their repr holds an address
+  that differs between processes); other objects by repr."""
+  if callable(value) and hasattr(value, "__qualname__"):
+    return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+  return repr(value)
+
+
 def _normalise(config: Mapping[str, Any]) -> dict:
   """The config as JSON would restore it (tuples -> lists, keys -> str)."""
-  return json.loads(json.dumps(config, sort_keys=True, default=repr))
+  return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
