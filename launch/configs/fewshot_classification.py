@@ -11,18 +11,18 @@ def get_config():
   config.task.num_ways = 5
   config.task.num_shots = 1
   config.task.num_query = 15
-  config.task.channels = 32
+  config.task.channels = 16
   config.task.num_blocks = 3
-  config.task.inner_lr = 0.4
+  config.task.inner_lr = 0.2
   config.task.learn_lr = False
   config.task.lr_granularity = "element"
   config.task.augment_train = True    # rotated/mirrored classes for meta-training
   config.inner_steps = 5
   config.meta_batch_size = 4
-  config.meta_steps = 500
+  config.meta_steps = 1000
   config.outer_lr = 1e-3
   config.num_eval_tasks = 200
   config.eval_split = "test"
   config.log_every = 50
-  config.checkpoint_every = 250
+  config.checkpoint_every = 500
   return config
