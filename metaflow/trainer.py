@@ -80,6 +80,13 @@ class TrainMetrics(clu_metrics.Collection):
   meta_grad_norm: clu_metrics.Average.from_output("meta_grad_norm")
 
 
+def _check_ints(settings) -> None:
+  """ValueError unless each ``(name, value, low)`` has an int ``value >= low``."""
+  for name, value, low in settings:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
 def _shapes(tree: PyTree) -> dict[str, str]:
   return {jax.tree_util.keystr(path): f"{leaf.dtype}{list(leaf.shape)}"
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -115,11 +122,9 @@ class BilevelTrainer:
     self.task = task
     self.strategy = Strategy.parse(strategy)
     task.check_strategy(self.strategy)
-    for name, value, low in (("meta_batch_size", meta_batch_size, 1),
-                             ("num_eval_tasks", num_eval_tasks, 1),
-                             ("num_workers", num_workers, 0), ("seed", seed, 0)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    _check_ints((("meta_batch_size", meta_batch_size, 1),
+                 ("num_eval_tasks", num_eval_tasks, 1),
+                 ("num_workers", num_workers, 0), ("seed", seed, 0)))
     data.check_split(eval_split)
     if outer_optimizer is None:
       outer_optimizer = optax.adam(1e-3)
@@ -283,12 +288,9 @@ class BilevelTrainer:
         launch config), stored in the checkpoint.
       console: also print metric rows (through absl logging).
     """
-    for name, value, low in (("num_meta_steps", num_meta_steps, 0),
-                             ("log_every", log_every, 1),
-                             ("eval_every", eval_every, 0),
-                             ("checkpoint_every", checkpoint_every, 0)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    _check_ints((("num_meta_steps", num_meta_steps, 0),
+                 ("log_every", log_every, 1), ("eval_every", eval_every, 0),
+                 ("checkpoint_every", checkpoint_every, 0)))
     state = self.init_state()
     eta_initial = state.eta
     batches = self.train_batches()
