@@ -12,11 +12,23 @@ dynamic, see `metaflow.memory`) with the ratio standard/strategy; with
 warm-up and its ratio to standard's, measured in the same run. Memory needs
 shapes only, so large presets can be analysed without running them
 (``--repeats 0``). Writes ``benchmark_lm.json`` and ``benchmark_lm.png``.
+
+``--mesh data=D,fsdp=F`` compiles each meta-gradient for that device mesh
+(`metaflow.sharding`: the B sequences split over all D x F devices, theta and
+the stored carries over fsdp) and reports per-device memory next to the
+one-device figures of the same configuration (compiled in the same run) and
+their ratios. On a CPU, ``--host_devices N`` makes N host devices (it sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts):
+
+    python -m launch.benchmark_lm --tasks lm_maml --preset chinchilla_57m \
+        --steps 4 --batch 8 --seq_len 2048 --repeats 0 \
+        --host_devices 8 --mesh data=1,fsdp=8
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -26,7 +38,7 @@ import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
 from launch.benchmark import (_int_list, _strategy_list, check_common_args,
                               median_seconds, write_results)
-from metaflow import data
+from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
 _MIB = 2.0**20
@@ -63,7 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "only, nothing runs)")
   p.add_argument("--out", default="benchmark_results",
                  help="folder for benchmark_lm.json and benchmark_lm.png")
+  p.add_argument("--mesh", type=_mesh, default=None,
+                 help="data=D,fsdp=F: per-device memory on that mesh, next "
+                 "to one device's (default: one device only)")
+  p.add_argument("--host_devices", type=int, default=0,
+                 help="make N CPU host devices for --mesh (sets XLA_FLAGS "
+                 "before JAX starts)")
   args = p.parse_args(argv)
+  if args.host_devices < 0:
+    p.error("--host_devices must be >= 0")
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   unknown = sorted(set(args.tasks) - set(LM_TASKS))
   if unknown or not args.tasks:
@@ -76,17 +96,41 @@ def parse_args(argv=None) -> argparse.Namespace:
   return check_common_args(p, args)
 
 
+def _mesh(text: str) -> dict[str, int]:
+  """``"data=1,fsdp=8"`` -> ``{"data": 1, "fsdp": 8}``."""
+  try:
+    sizes = {k.strip(): int(v) for k, v in
+             (part.split("=") for part in text.split(","))}
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected data=D,fsdp=F, got {text!r}") from None
+  if not set(sizes) <= {"data", "fsdp"}:
+    raise argparse.ArgumentTypeError(
+        f"mesh axes are data and fsdp, got {sorted(sizes)}")
+  return sizes
+
+
 def measure(task: metaflow.Task, num_steps: int, strategy: metaflow.Strategy,
-            repeats: int) -> dict:
+            repeats: int, mesh=None) -> dict:
   """Compiled memory (and, with ``repeats``, the median step time) of one
-  meta-gradient of ``task`` with ``strategy``; one row of the table."""
-  trainer = metaflow.BilevelTrainer(task, strategy=strategy,
-                                    num_inner_steps=num_steps,
-                                    meta_batch_size=1)
+  meta-gradient of ``task`` with ``strategy``; one row of the table. With a
+  ``mesh`` (`metaflow.sharding.make_mesh` sizes) the figures are per device
+  of that mesh, and ``one_device`` holds the one-device memory."""
+  one_device = sharding.make_mesh(devices=jax.devices()[:1])
+  trainer = metaflow.BilevelTrainer(
+      task, strategy=strategy, num_inner_steps=num_steps, meta_batch_size=1,
+      mesh=one_device if mesh is None else sharding.make_mesh(**mesh))
   start = time.perf_counter()
   mem = trainer.compiled_memory()
   row = {"strategy": strategy.name, "compile_s": time.perf_counter() - start,
-         **mem.as_dict()}
+         "mesh": sharding.describe(trainer.mesh), **mem.as_dict()}
+  if mesh is not None:
+    one = metaflow.BilevelTrainer(
+        task, strategy=strategy, num_inner_steps=num_steps, meta_batch_size=1,
+        mesh=one_device).compiled_memory()
+    row["one_device"] = one.as_dict()
+    row["temp_ratio_one_device"] = one.temp_bytes / mem.temp_bytes
+    row["static_ratio_one_device"] = one.static_bytes / mem.static_bytes
   if repeats:
     eta = trainer.init_state().eta
     batch = data.take(task.episodes("train", 0, num_steps), 1)
@@ -116,7 +160,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "compute_dtype": args.compute_dtype or "params",
                      "remat_blocks": args.remat_blocks,
                      "num_params": lm_model.num_params(task.model_config)}
-          group = [{**setting, **measure(task, num_steps, s, args.repeats)}
+          group = [{**setting, **measure(task, num_steps, s, args.repeats,
+                                         args.mesh)}
                    for s in args.strategies]
           std = next(r for r in group if r["strategy"] == "standard")
           for r in group:
@@ -134,6 +179,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                   f"{r['memory_ratio_vs_standard']:7.2f}x "
                   f"{r['compile_s']:9.2f} {step:8.1f} {time_ratio:8.2f}",
                   flush=True)
+            if args.mesh is not None:
+              one = r["one_device"]
+              print(f"{'':18s}   one device: temp "
+                    f"{one['temp_bytes'] / _MIB:.2f} MiB (static "
+                    f"{one['static_bytes'] / _MIB:.2f}): per device "
+                    f"{r['temp_ratio_one_device']:.2f}x less temp, "
+                    f"{r['static_ratio_one_device']:.2f}x less static",
+                    flush=True)
           rows += group
   return rows
 
@@ -162,8 +215,18 @@ def plot(rows: list[dict], plt):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.host_devices:
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")]
+        + [f"--xla_force_host_platform_device_count={args.host_devices}"])
+    if jax.device_count() != args.host_devices:
+      raise SystemExit(f"error: --host_devices {args.host_devices}: JAX had "
+                       f"already started with {jax.device_count()} devices.")
   print(f"metaflow LM benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); preset {args.preset}"
+        + (f", mesh {sharding.describe(sharding.make_mesh(**args.mesh))}"
+           if args.mesh else "")
         + (" with per-block remat" if args.remat_blocks else "")
         + ", inner Adam; "
         + (f"median of {args.repeats} steps after warm-up" if args.repeats

@@ -14,10 +14,16 @@ A ``--workdir`` that holds checkpoints is resumed from the latest one
 (``--meta_steps`` is the total); a checkpoint written with a different config
 is refused. TensorBoard event files are written to the workdir.
 
-``jax.distributed.initialize()`` is called only with ``--distributed`` or when
-a cluster environment is detected (see `cluster_detected`), so a laptop needs
-nothing. At the end the held-out outer loss after T inner steps is printed at
-the initial and at the final meta-parameters.
+The run uses every device of every process, on the mesh
+``--config.mesh.data=N --config.mesh.fsdp=M`` (default: all devices on
+``data``; see `metaflow.sharding`); ``--config.x64=True`` runs in float64.
+
+``jax.distributed.initialize()`` is called only with ``--distributed``, on
+explicit coordinates (``--coordinator_address --num_processes --process_id``,
+as `launch.local` passes them), or when a cluster environment is detected (see
+`cluster_detected`), so a laptop needs nothing. At the end the held-out outer
+loss after T inner steps is printed at the initial and at the final
+meta-parameters (by process 0).
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ from typing import Mapping, Optional, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Bad command-line input (one line, no traceback); the launchers' helper.
+from launch._cli import UsageError, flag_value
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 #: Config keys that may change when a run is resumed: they change how long it
-#: runs, how often it reports, and how the same meta-gradient is computed, not
-#: the trajectory of the meta-parameters. (``num_workers`` is not one of them:
+#: runs, how often it reports, and how (on which devices) the same
+#: meta-gradient is computed, not the trajectory of the meta-parameters. (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
-                  "strategy")
+                  "strategy", "mesh")
 
 #: Outer optimisers by name (``config.outer_optimizer``).
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -53,13 +62,17 @@ flags.DEFINE_integer("meta_steps", None, "Total meta-steps (overrides "
                      "config.meta_steps).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); "
                   "default: only when a cluster environment is detected.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, "
+                    "for a multi-process run on explicit coordinates (with "
+                    "--num_processes and --process_id; launch.local sets "
+                    "them).")
+flags.DEFINE_integer("num_processes", None, "Processes of the run (with "
+                     "--coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. "
+                     "num_processes - 1 (with --coordinator_address).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file (default: "
     "launch/configs/<task>.py).", lock_config=True)
-
-
-class UsageError(Exception):
-  """Bad command-line input: reported as one line, without a traceback."""
 
 
 def cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
@@ -75,15 +88,6 @@ def cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
               or count("SLURM_NTASKS") > 1
               or count("OMPI_COMM_WORLD_SIZE") > 1
               or "," in environ.get("TPU_WORKER_HOSTNAMES", ""))
-
-
-def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      return arg.split("=", 1)[1]
-    if arg == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
 
 
 def config_path(task: str) -> str:
@@ -110,14 +114,14 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
   from metaflow.task import registered_tasks
 
   argv = list(argv)
-  task = _flag_value(argv, "task")
+  task = flag_value(argv, "task")
   if not task:
     raise UsageError("--task is required; registered tasks: "
                      f"{', '.join(registered_tasks())}.")
   if task not in registered_tasks():
     raise UsageError(f"unknown task {task!r}; registered tasks: "
                      f"{', '.join(registered_tasks())}.")
-  path = _flag_value(argv, "config")
+  path = flag_value(argv, "config")
   if path is None:
     path = config_path(task)
     argv.insert(1, f"--config={path}")
@@ -161,13 +165,45 @@ def build(task_name: str, config):
   from metaflow.task import create_task
   from metaflow.trainer import BilevelTrainer
 
+  from metaflow import sharding
+
+  mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(task_name, **config.task.to_dict())
   return BilevelTrainer(
       task, strategy=config.strategy, num_inner_steps=config.inner_steps,
       meta_batch_size=config.meta_batch_size,
       outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
       seed=config.seed, eval_split=config.eval_split,
-      num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers)
+      num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers,
+      mesh=mesh)
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
+  """Starts `jax.distributed` when the flags or the environment ask for it:
+  on explicit coordinates (``--coordinator_address``, ``--num_processes``,
+  ``--process_id``, all three), with ``--distributed`` (JAX's own cluster
+  detection: Slurm, TPU pods, MPI), or when `cluster_detected`."""
+  import jax
+
+  explicit = {"coordinator_address": flags.FLAGS.coordinator_address,
+              "num_processes": flags.FLAGS.num_processes,
+              "process_id": flags.FLAGS.process_id}
+  given = [k for k, v in explicit.items() if v is not None]
+  if given and len(given) != len(explicit):
+    missing = sorted(set(explicit) - set(given))
+    raise UsageError(
+        f"{' and '.join('--' + g for g in given)} need(s) "
+        f"{' and '.join('--' + m for m in missing)} as well (all three set "
+        "one process of a multi-process run).")
+  if given:
+    n, p = explicit["num_processes"], explicit["process_id"]
+    if n < 1 or not 0 <= p < n:
+      raise UsageError(f"--process_id must be in 0 .. {n - 1} for "
+                       f"--num_processes={n}, got {p}.")
+    jax.distributed.initialize(**explicit)
+  elif flags.FLAGS.distributed or (flags.FLAGS.distributed is None
+                                   and cluster_detected(environ)):
+    jax.distributed.initialize()
 
 
 def _only_our_info_logs(record) -> bool:
@@ -184,15 +220,15 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_only_our_info_logs)
   import jax
-  from metaflow import checkpoint
+  from metaflow import checkpoint, sharding
 
-  if flags.FLAGS.distributed or (flags.FLAGS.distributed is None
-                                 and cluster_detected()):
-    jax.distributed.initialize()
+  initialize_distributed()
   task_name = flags.FLAGS.task
   config = _resolved_config()
   if not flags.FLAGS.workdir:
     raise UsageError("--workdir is required.")
+  # Before anything is built: parameters and meta-parameters in float64.
+  jax.config.update("jax_enable_x64", bool(config.x64))
   try:
     checkpoint.check_workdir(flags.FLAGS.workdir)
     trainer = build(task_name, config)
@@ -200,9 +236,10 @@ def main(argv: Sequence[str]) -> None:
     raise UsageError(str(e)) from None
   run_config = {k: v for k, v in config.to_dict().items()
                 if k not in RESUMABLE_KEYS}
-  logging.info("Task %s, strategy %s, T=%d, meta-batch %d, %d meta-steps.",
-               task_name, trainer.strategy.name, trainer.num_inner_steps,
-               trainer.meta_batch_size, config.meta_steps)
+  logging.info("Task %s, strategy %s, T=%d, meta-batch %d, %d meta-steps, "
+               "mesh %s.", task_name, trainer.strategy.name,
+               trainer.num_inner_steps, trainer.meta_batch_size,
+               config.meta_steps, sharding.describe(trainer.mesh))
   try:
     result = trainer.fit(
         config.meta_steps, flags.FLAGS.workdir, log_every=config.log_every,

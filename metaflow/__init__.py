@@ -5,10 +5,11 @@ truncated back-propagation through an unrolled inner loop, with the inner
 gradient differentiated forward-over-reverse instead of reverse-over-reverse.
 Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
 meta-learned) and `BilevelTrainer` (outer loop, evaluation, Orbax checkpoints,
-Grain data, clu metrics).
+Grain data, clu metrics, on a device mesh of every device of every process:
+`metaflow.sharding`).
 """
 
-from metaflow import checkpoint, data, memory, metrics, optim
+from metaflow import checkpoint, data, memory, metrics, optim, sharding
 from metaflow.checkpoint import IncompatibleCheckpointError
 from metaflow.memory import MemoryReport
 from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
@@ -51,5 +52,6 @@ __all__ = [
     "optim",
     "register",
     "registered_tasks",
+    "sharding",
     "valid_strategy_names",
 ]

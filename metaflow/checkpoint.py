@@ -4,8 +4,9 @@ One checkpoint (a step directory under ``workdir/checkpoints``) holds three
 items written atomically together by an ``orbax.checkpoint.CheckpointManager``:
 
 * ``state``: the `TrainState` pytree (meta-parameters eta, outer optimiser
-  state, step, RNG key);
-* ``data``: the Grain iterator state (how many meta-batches were consumed);
+  state, step, RNG key), global (possibly sharded) arrays;
+* ``data``: the Grain iterator state (the index of the next meta-batch), as
+  JSON;
 * ``config``: the JSON fingerprint of everything that determines the run.
 
 Resuming restores all three, so continuing from a checkpoint is bit-identical
@@ -13,6 +14,16 @@ to a run that never stopped. A checkpoint whose fingerprint differs from the
 current run's is refused (`IncompatibleCheckpointError`) instead of mixing two
 runs. Orbax finalises a step directory only after all items are written, so a
 process killed mid-save leaves the previous checkpoint as the latest.
+
+With several processes (``jax.distributed``) every process calls `save` and
+`restore` together: Orbax writes each array's shards from the processes that
+hold them and restores them into the shardings of the template state, so a
+checkpoint written by P processes on one mesh resumes in any other number
+of processes and devices. The data position is the same in every process
+(`metaflow.data.meta_batches`: the state of an iterator over global
+meta-batch indices), so one copy is stored (Grain's own checkpoint handler
+would write one file per process, which a different process count could not
+read) and every process restores it.
 """
 
 from __future__ import annotations
@@ -103,14 +114,15 @@ class Checkpointer:
       return
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=ocp.args.JsonSave(data_iterator.get_state()),
         config=ocp.args.JsonSave(self.config)))
     self._manager.wait_until_finished()
 
   def restore(self, state: PyTree, data_iterator: grain.DatasetIterator
               ) -> Optional[PyTree]:
     """Restores the latest checkpoint into ``data_iterator`` and returns the
-    state (shaped like the template ``state``), or None if there is none.
+    state (shaped and sharded like the template ``state``: arrays or
+    ``jax.ShapeDtypeStruct``s with shardings), or None if there is none.
 
     Raises:
       IncompatibleCheckpointError: the checkpoint's config differs.
@@ -128,7 +140,8 @@ class Checkpointer:
           "--workdir, or the same config to resume.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=ocp.args.JsonRestore()))
+    data_iterator.set_state(restored["data"])
     return restored["state"]
 
   def close(self) -> None:

@@ -10,9 +10,10 @@ checkpointed by the trainer) is all that resuming needs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import grain
+import jax
 import numpy as np
 
 PyTree = Any
@@ -62,22 +63,65 @@ def episodes(sample: Callable[[np.random.Generator], PyTree], seed: int,
       Seeded(sample, int(seed), check_split(split)))
 
 
+def stack(items: Sequence[PyTree]) -> PyTree:
+  """Stacks equally shaped pytrees of numpy arrays on a new leading axis."""
+  return jax.tree.map(lambda *leaves: np.stack(leaves), *items)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaBatch:
+  """Grain map: ``k ->`` meta-batch ``k`` (episodes ``k*size ... k*size +
+  size - 1`` of ``dataset``, stacked), or only the episodes at the positions
+  ``owned`` (``(start, stop)`` ranges of ``range(size)``) when a process
+  reads its share. Picklable."""
+  dataset: grain.MapDataset
+  size: int
+  owned: tuple[tuple[int, int], ...]
+
+  def __call__(self, index: int) -> PyTree:
+    first = int(index) * self.size
+    return stack([self.dataset[first + j]
+                  for start, stop in self.owned for j in range(start, stop)])
+
+
 def meta_batches(dataset: grain.MapDataset, meta_batch_size: int,
                  num_workers: int = 0,
-                 worker_buffer_size: Optional[int] = None) -> grain.IterDataset:
+                 worker_buffer_size: Optional[int] = None, *,
+                 owned: Optional[Sequence[tuple[int, int]]] = None
+                 ) -> grain.IterDataset:
   """Stacks episodes into meta-batches (leading axis ``meta_batch_size``).
+
+  Item ``k`` is meta-batch ``k`` (episodes ``k * meta_batch_size ...``), so
+  an iterator's state is the index of the next meta-batch, whatever
+  ``owned`` is: the data position of a run is the same in every process and
+  for any number of processes.
 
   With ``num_workers > 0`` the episodes are produced by Grain worker
   processes (``mp_prefetch``); the result and its checkpointable state do not
   depend on the number of workers. Worker processes need absl flags parsed:
   `launch.train` runs under ``absl.app``; elsewhere call
   ``absl.flags.FLAGS.mark_as_parsed()`` first.
+
+  Args:
+    dataset: the episodes.
+    meta_batch_size: episodes per meta-batch.
+    num_workers: Grain worker processes (0: in this process).
+    worker_buffer_size: meta-batches each worker prepares ahead (default 1).
+    owned: only these positions of every meta-batch (``(start, stop)``
+      ranges of ``range(meta_batch_size)``): this process's share, see
+      `metaflow.sharding.process_share`. Default: all.
   """
   if meta_batch_size < 1:
     raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}.")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
-  ds = dataset.batch(meta_batch_size, drop_remainder=True).to_iter_dataset()
+  owned = ((0, meta_batch_size),) if owned is None else tuple(
+      (int(a), int(b)) for a, b in owned)
+  if not owned or not all(0 <= a < b <= meta_batch_size for a, b in owned):
+    raise ValueError(f"owned {owned} must be non-empty ranges within the "
+                     f"meta-batch of {meta_batch_size}.")
+  ds = grain.MapDataset.range(len(dataset) // meta_batch_size).map(
+      MetaBatch(dataset, meta_batch_size, owned)).to_iter_dataset()
   if num_workers:
     options = grain.MultiprocessingOptions(
         num_workers=num_workers,
@@ -88,4 +132,4 @@ def meta_batches(dataset: grain.MapDataset, meta_batch_size: int,
 
 def take(dataset: grain.MapDataset, n: int) -> PyTree:
   """The first ``n`` items of ``dataset`` stacked (leading axis ``n``)."""
-  return dataset.batch(n, drop_remainder=True)[0]
+  return MetaBatch(dataset, n, ((0, n),))(0)

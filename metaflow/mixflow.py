@@ -56,6 +56,9 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   has no cotangent for closed-over values, and JAX raises an error ("...with
   respect to a closed-over value") instead of silently dropping that gradient.
   The rule is first-order only: third derivatives through it are not defined.
+  Inside ``shard_map``, a ``theta`` or ``eta`` replicated over a manual mesh
+  axis gets its cotangent summed over that axis (`_typed_like`), as JAX's own
+  rules do for a replicated input (the transpose of its implicit broadcast).
   """
   joint_grad = jax.grad(inner_loss, argnums=(0, 1))
 
@@ -71,12 +74,33 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
     c, v = cotangents
     (g_theta, g_eta), (h_tt_v, h_et_v) = jax.jvp(
         lambda th: joint_grad(th, eta, batch), (theta,), (v,))
-    theta_bar = jax.tree.map(lambda h, g: h + c * g, h_tt_v, g_theta)
-    eta_bar = jax.tree.map(lambda h, g: h + c * g, h_et_v, g_eta)
+    theta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
+                             h_tt_v, g_theta, theta)
+    eta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
+                           h_et_v, g_eta, eta)
     return theta_bar, eta_bar, None
 
   value_and_grad.defvjp(fwd, bwd)
   return value_and_grad
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes (inside ``shard_map``) over which ``x`` varies."""
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()))
+
+
+def _typed_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """``cotangent`` with the manual-axis type of ``primal`` (a no-op outside
+  ``shard_map``): summed over the axes ``primal`` is replicated over (the
+  transpose of broadcasting it), broadcast over those it varies over."""
+  summed = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+  if summed:
+    cotangent = jax.lax.psum(cotangent, summed)
+  varying = tuple(sorted(_varying_axes(primal) - _varying_axes(cotangent)))
+  if varying:
+    cotangent = jax.lax.pcast(cotangent, varying, to="varying")
+  return cotangent
 
 
 def inner_value_and_grad(inner_loss: Loss, mode: str) -> ValueAndGrad:

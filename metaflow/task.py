@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -63,6 +64,16 @@ class Task(abc.ABC):
   forward-mode, so L must be ``jax.jvp``-able (a custom-VJP op without a JVP
   rule inside L is the typical reason to restrict a task to ``standard``).
 
+  **Sharding** (`metaflow.sharding`, several devices or processes). Every
+  device computes on its own share of each meta-batch. By default the
+  meta-batch's episodes are split over the devices (each episode's inner
+  loop runs whole on one device). A task whose episodes are large batches
+  of independent examples (a language model: one episode of T batches of B
+  sequences per meta-step) sets ``example_axes`` so that the examples of
+  every batch are split instead, and its parameters theta over the mesh's
+  ``fsdp`` axis by `partition_rules`. With several processes each process
+  reads only its share (`local_episodes`).
+
   Class attributes:
     name: the registry name (set by `register`).
     trainable: the ``nnx`` filter of theta (default ``nnx.Param``).
@@ -71,6 +82,13 @@ class Task(abc.ABC):
       trainer's RNG), so learned hyper-parameters do not overfit one init.
     supported_strategies: strategy names this task supports (None: all).
     unsupported_reason: why the others are not supported.
+    example_axes: None (default): the meta-batch's episodes are split over
+      the devices. Otherwise a pytree prefix of an episode giving, for each
+      leaf, the axis of its independent examples, which is split over the
+      devices instead (the language-model tasks: ``{"inner": 1, "outer":
+      0}``, the B sequences of the inner batches ``[T, B, L+1]`` and of the
+      outer batch ``[B, L+1]``). The losses must treat those examples
+      symmetrically (a mean over them), as a batch.
   """
 
   name: ClassVar[str] = ""
@@ -78,6 +96,7 @@ class Task(abc.ABC):
   resample_init: bool = False
   supported_strategies: ClassVar[Optional[tuple[str, ...]]] = None
   unsupported_reason: ClassVar[str] = ""
+  example_axes: ClassVar[Optional[PyTree]] = None
 
   @abc.abstractmethod
   def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -126,6 +145,23 @@ class Task(abc.ABC):
     del num_inner_steps
     return self.dataset(split, seed)
 
+  def local_episodes(self, split: str, seed: int, num_inner_steps: int,
+                     examples: tuple[tuple[int, int], ...]) -> grain.MapDataset:
+    """`episodes` holding only the examples ``examples`` (ranges ``(start,
+    stop)`` along `example_axes`, concatenated): what one process reads when
+    the examples are split over processes. By default whole episodes are
+    read and cut; override it to read only those examples."""
+    return self.episodes(split, seed, num_inner_steps).map(
+        TakeExamples(self.example_axes, tuple(examples)))
+
+  def partition_rules(self) -> Optional[tuple[tuple[str, Any], ...]]:
+    """How theta is split over the mesh's ``fsdp`` axis: ``(regex,
+    jax.sharding.PartitionSpec)`` pairs matched against parameter paths
+    (see `metaflow.sharding.param_specs`), or None for the default (each
+    large parameter's largest axis that ``fsdp`` divides). Used only when
+    `example_axes` is set: episodes split over devices keep theta whole."""
+    return None
+
   def split_episode(self, episode: PyTree, num_steps: int
                     ) -> tuple[PyTree, PyTree]:
     """``(inner_batches, outer_batch)``; inner leaves get a leading axis T."""
@@ -160,27 +196,60 @@ class Task(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
+class TakeExamples:
+  """Grain map: an episode -> the examples ``ranges`` (``(start, stop)``
+  pairs, concatenated) along each leaf's axis in ``axes`` (a pytree prefix
+  of the episode, see `Task.example_axes`). Picklable."""
+  axes: PyTree
+  ranges: tuple[tuple[int, int], ...]
+
+  def __call__(self, episode: PyTree) -> PyTree:
+    def take(axis, subtree):
+      index = np.concatenate([np.arange(a, b) for a, b in self.ranges])
+      return jax.tree.map(lambda x: np.take(x, index, axis=axis), subtree)
+    return jax.tree.map(take, self.axes, episode)
+
+
+@dataclasses.dataclass(frozen=True)
 class Functional:
   """A task's losses as pure functions of ``(theta, eta, batch)``.
 
   ``theta`` is the pure dict of the trained state; the other state (``rest``)
   is a constant (see `Task`'s inner state policy). This is the bridge between
   NNX modules and the engine (`metaflow.meta_value_and_grad`).
+
+  ``gathered``: optional shardings (a pytree like theta) that theta is
+  constrained to where the module uses it. The trainer passes replicated
+  shardings: theta stays split over the mesh's ``fsdp`` axis in the inner
+  loop's carry and is gathered for each loss evaluation (FSDP), so XLA keeps
+  the activations split by the batch. (Left to itself, XLA's sharding
+  propagation may instead split activations like the parameters, e.g. by
+  width or heads, and keep every example's activations on every device.)
   """
   task: Task
   spec: MetaParams
   graphdef: nnx.GraphDef
   rest: PyTree
+  gathered: Optional[PyTree] = None
+
+  @staticmethod
+  def split(task: Task, model: nnx.Module
+            ) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+    """``(graphdef, theta, rest)`` of ``model``: theta the state selected by
+    ``task.trainable`` and rest the other state, both pure dicts."""
+    graphdef, theta, rest = nnx.split(model, task.trainable, ...)
+    return graphdef, nnx.to_pure_dict(theta), nnx.to_pure_dict(rest)
 
   @classmethod
   def of(cls, task: Task, model: nnx.Module) -> tuple["Functional", PyTree]:
     """Splits ``model``; returns the functional view and its theta."""
-    graphdef, theta, rest = nnx.split(model, task.trainable, ...)
-    return (cls(task, task.meta_params(), graphdef, nnx.to_pure_dict(rest)),
-            nnx.to_pure_dict(theta))
+    graphdef, theta, rest = cls.split(task, model)
+    return cls(task, task.meta_params(), graphdef, rest), theta
 
   def model(self, theta: PyTree) -> nnx.Module:
     """A module with parameters ``theta`` (and the constant rest)."""
+    if self.gathered is not None:
+      theta = jax.lax.with_sharding_constraint(theta, self.gathered)
     return nnx.merge(self.graphdef, theta, self.rest)
 
   def inner_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:

@@ -15,25 +15,44 @@ The trainer also evaluates (outer loss after T inner steps on held-out
 episodes, and at the initial eta for comparison), writes metrics through clu
 (TensorBoard event files and console lines), shows progress, and checkpoints
 and resumes with Orbax (`metaflow.checkpoint`).
+
+**Devices and processes.** Everything runs on a ``(data, fsdp)`` mesh
+(`metaflow.sharding`; by default every device of every process on ``data``,
+so one device is the plain single-device run). The meta-step, the
+evaluation and the initial state are jitted once with shardings: each
+device computes on its share of the meta-batch (whole episodes, or the
+examples of every batch for tasks with `Task.example_axes`), theta, its
+optimiser state and the T stored carries are split over ``fsdp`` by the
+task's partition rules, eta is replicated (a learned initialisation is
+split like theta) and XLA inserts the collectives (the mean over episodes,
+the gathers of FSDP). With several processes each process reads only its
+share of every meta-batch through Grain and the global arrays are built
+from the shares; metrics are written by process 0; checkpoints are written
+and restored by all processes together.
 """
 
 # No `from __future__ import annotations`: clu reads TrainMetrics annotations.
 
+import functools
+import math
 import os
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from clu import metrics as clu_metrics
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from metaflow import checkpoint as checkpoint_lib
 from metaflow import data
 from metaflow import memory
 from metaflow import metrics as metrics_lib
+from metaflow import sharding
 from metaflow.task import Functional, Task
 from metaflow.strategy import Strategy
 from metaflow.unroll import inner_loop, meta_value_and_grad_with_aux
@@ -107,17 +126,21 @@ class BilevelTrainer:
     eval_split: split of the held-out evaluation episodes.
     num_eval_tasks: number of evaluation episodes.
     num_workers: Grain worker processes for training data (0: in process).
+    mesh: the ``(data, fsdp)`` device mesh (`metaflow.sharding.make_mesh`);
+      default: every device of every process on ``data``.
 
   Raises:
-    ValueError/TypeError: bad settings, or a strategy the task does not
-      support; all before anything is compiled.
+    ValueError/TypeError: bad settings, a strategy the task does not
+      support, or a batch the mesh does not divide; all before anything is
+      compiled.
   """
 
   def __init__(self, task: Task, *, strategy: Union[str, Strategy] = "mixflow",
                num_inner_steps: int = 5, meta_batch_size: int = 4,
                outer_optimizer: Optional[optax.GradientTransformation] = None,
                seed: int = 0, eval_split: str = "validation",
-               num_eval_tasks: int = 64, num_workers: int = 0):
+               num_eval_tasks: int = 64, num_workers: int = 0,
+               mesh: Optional[jax.sharding.Mesh] = None):
     if not isinstance(task, Task):
       raise TypeError(f"task must be a metaflow.Task, got {type(task).__name__}.")
     self.task = task
@@ -144,35 +167,171 @@ class BilevelTrainer:
     self.num_eval_tasks = num_eval_tasks
     self.num_workers = num_workers
 
-    self.functional, self.theta_init = Functional.of(
-        task, task.make_model(nnx.Rngs(seed)))
-    self.spec = self.functional.spec
+    self.mesh = (sharding.make_mesh() if mesh is None
+                 else sharding.check_mesh(mesh))
+    self.spec = task.meta_params()
+    graphdef, theta_shapes, _ = Functional.split(
+        task, nnx.eval_shape(lambda: task.make_model(nnx.Rngs(seed))))
+    self._split_examples = task.example_axes is not None
+    theta_specs = (sharding.param_specs(theta_shapes, self.mesh,
+                                        task.partition_rules())
+                   if self._split_examples else
+                   jax.tree.map(lambda _: PartitionSpec(), theta_shapes))
+    self.theta_shardings = sharding.named(self.mesh, theta_specs)
+    self._replicated = sharding.replicated(self.mesh)
+    # The model is initialised by a jitted function straight into its
+    # shardings (no device ever holds a large model whole); the non-trained
+    # rest is a constant of the inner loop.
+    self.theta_init, rest = jax.jit(
+        self._init_model, static_argnums=0,
+        out_shardings=(self.theta_shardings, self._replicated))(seed)
+    self.functional = Functional(
+        task, self.spec, graphdef, jax.tree.map(np.asarray, rest),
+        gathered=jax.tree.map(lambda _: self._replicated, theta_shapes))
     f = self.functional
     self.meta_gradient = meta_value_and_grad_with_aux(
         f.inner_loss, f.outer_loss, f.optimizer, num_inner_steps, self.strategy)
     self.num_inner_steps = self.meta_gradient.num_steps
     self._adapt = inner_loop(f.inner_loss, f.optimizer, self.num_inner_steps,
                              "standard")
-    self._step = jax.jit(self._meta_step, donate_argnums=0)
-    self._jit_value_and_grad = jax.jit(self._value_and_grad)
-    self._evaluate = jax.jit(self._evaluate_episodes)
+    self._layout_batches()
+    self.state_shardings = self._state_shardings()
+    self._init = jax.jit(self._initial_state,
+                         out_shardings=self.state_shardings)
+    self._step = jax.jit(
+        self._meta_step, donate_argnums=0,
+        in_shardings=(self.state_shardings, self._batch_shardings,
+                      self.theta_shardings),
+        out_shardings=(self.state_shardings, self._replicated))
+    self._jit_value_and_grad = jax.jit(
+        self._value_and_grad,
+        in_shardings=(self.state_shardings.eta, self._batch_shardings,
+                      self.theta_shardings))
     self._eval_cache = {}
 
+  # ------------------------------------------------------------- sharding
+  def _init_model(self, seed_or_key) -> tuple[PyTree, PyTree]:
+    """``(theta, rest)`` of a fresh model (pure dicts)."""
+    _, theta, rest = Functional.split(
+        self.task, self.task.make_model(nnx.Rngs(seed_or_key)))
+    return theta, rest
+
+  def _layout_batches(self) -> None:
+    """The shapes and shardings of a meta-batch, and this process's share.
+
+    A meta-batch has leaves ``[B, ...]`` (B = meta_batch_size). Its split
+    axis is B (episodes over devices) or, with `Task.example_axes`, the
+    examples axis of every leaf; the mesh must divide it.
+    """
+    first = data.take(
+        self.task.episodes("train", self.seed, self.num_inner_steps), 1)
+    self._batch_shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((self.meta_batch_size,) + x.shape[1:],
+                                       x.dtype), first)
+    name = self.task.name or type(self.task).__name__
+    if self._split_examples:
+      try:
+        axes = jax.tree.map(
+            lambda axis, sub: jax.tree.map(lambda _: axis + 1, sub),
+            self.task.example_axes, self._batch_shapes)
+      except ValueError as e:
+        raise ValueError(f"Task {name!r}: example_axes "
+                         f"{self.task.example_axes!r} is not a prefix of its "
+                         f"episodes' structure: {e}") from None
+    else:
+      axes = jax.tree.map(lambda _: 0, self._batch_shapes)
+    sizes = {x.shape[axis] if 0 <= axis < x.ndim else None for x, axis in
+             zip(jax.tree.leaves(self._batch_shapes), jax.tree.leaves(axes))}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"Task {name!r}: its episodes' example axes "
+                       f"{self.task.example_axes!r} must exist and have one "
+                       f"size in every leaf; found sizes {sizes}.")
+    (size,) = sizes
+    if self._split_examples:
+      sharding.check_batch_divisible(
+          f"Task {name!r}: the number of examples per batch (its "
+          "example_axes, split over the devices)", size, self.mesh,
+          "the built-in language-model tasks: --config.task.batch_size")
+    else:
+      sharding.check_batch_divisible("meta_batch_size", size, self.mesh,
+                                     "--config.meta_batch_size")
+    self._split_size = size
+    self._share = sharding.process_share(self.mesh, size)
+    self._batch_shardings = jax.tree.map(
+        lambda x, axis: NamedSharding(self.mesh,
+                                      sharding.batch_spec(x.ndim, axis)),
+        self._batch_shapes, axes)
+
+  def _episodes(self, split: str) -> tuple[Any, tuple[tuple[int, int], ...]]:
+    """This process's episodes of ``split`` and the meta-batch positions it
+    reads (its share: positions of episodes, or examples within them)."""
+    if not self._split_examples:
+      return (self.task.episodes(split, self.seed, self.num_inner_steps),
+              self._share)
+    everything = ((0, self.meta_batch_size),)
+    if self._share == ((0, self._split_size),):
+      return (self.task.episodes(split, self.seed, self.num_inner_steps),
+              everything)
+    return (self.task.local_episodes(split, self.seed, self.num_inner_steps,
+                                     self._share), everything)
+
+  def _global(self, local: PyTree, chunks: Optional[int] = None) -> PyTree:
+    """Global arrays of this process's share of a meta-batch (leaves
+    ``[B, ...]``), or of ``chunks`` stacked meta-batches."""
+    shapes, shardings = self._batch_shapes, self._batch_shardings
+    if chunks is not None:
+      shapes = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct((chunks,) + x.shape, x.dtype), shapes)
+      shardings = self._chunked(shardings)
+    return sharding.global_batch(local, shardings, shapes)
+
+  def _chunked(self, shardings: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda s: NamedSharding(self.mesh, PartitionSpec(None, *s.spec)),
+        shardings)
+
+  def _state_shardings(self) -> TrainState:
+    state = jax.eval_shape(self._initial_state, self.theta_init)
+    eta = {kind: (self.theta_shardings if kind == "init" else
+                  jax.tree.map(lambda _: self._replicated, value))
+           for kind, value in state.eta.items()}
+    return TrainState(
+        step=self._replicated, eta=eta,
+        opt_state=sharding.optimizer_state_shardings(
+            self.outer_optimizer, state.opt_state, eta, self.mesh),
+        rng=self._replicated)
+
+  def _theta0(self, eta: dict, theta_base: PyTree) -> PyTree:
+    """theta0, laid out like theta (the inner loop's carry follows it)."""
+    return jax.lax.with_sharding_constraint(
+        self.spec.theta0(eta, theta_base), self.theta_shardings)
+
+  def _vmap(self, fn):
+    """``jax.vmap`` over the episodes of a meta-batch; split over the
+    devices when whole episodes are."""
+    return jax.vmap(fn, spmd_axis_name=(None if self._split_examples
+                                        else sharding.BATCH_AXES))
+
   # ------------------------------------------------------------------ state
-  def init_state(self) -> TrainState:
-    """The initial `TrainState` (deterministic given ``seed``)."""
+  def _initial_state(self, theta_init: PyTree) -> TrainState:
     key = jax.random.PRNGKey(self.seed)
     key, k_eta = jax.random.split(key)
-    # Fresh buffers: the jitted step donates the state, which must not take
+    # Copies: the jitted step donates the state, which must not take
     # theta_init (copied into eta["init"]) with it.
-    eta = jax.tree.map(jnp.array,
-                       self.spec.init(k_eta, self.theta_init, self.num_inner_steps))
+    eta = jax.tree.map(jnp.copy, self.spec.init(k_eta, theta_init,
+                                                self.num_inner_steps))
     return TrainState(step=jnp.zeros([], jnp.int32), eta=eta,
                       opt_state=self.outer_optimizer.init(eta), rng=key)
 
+  def init_state(self) -> TrainState:
+    """The initial `TrainState` (deterministic given ``seed``), laid out in
+    `state_shardings`."""
+    return self._init(self.theta_init)
+
   def fingerprint(self, run_config: Optional[Mapping[str, Any]] = None) -> dict:
-    """What must match for a checkpoint to be resumed by this trainer."""
-    state = jax.eval_shape(self.init_state)
+    """What must match for a checkpoint to be resumed by this trainer (not
+    the mesh: a checkpoint resumes on any number of devices)."""
+    state = jax.eval_shape(self._initial_state, self.theta_init)
     return {
         "task": self.task.name or type(self.task).__qualname__,
         "task_config": self.task.config(),
@@ -184,16 +343,16 @@ class BilevelTrainer:
     }
 
   def train_batches(self):
-    """A fresh Grain iterator over training meta-batches."""
-    return iter(data.meta_batches(
-        self.task.episodes("train", self.seed, self.num_inner_steps),
-        self.meta_batch_size, self.num_workers))
+    """A fresh Grain iterator over training meta-batches: this process's
+    share of each (the whole meta-batch on one process)."""
+    episodes, owned = self._episodes("train")
+    return iter(data.meta_batches(episodes, self.meta_batch_size,
+                                  self.num_workers, owned=owned))
 
   # --------------------------------------------------------------- the step
   def _theta_base(self, key: jax.Array, theta_init: PyTree) -> PyTree:
     if self.task.resample_init and not self.spec.learn_init:
-      model = self.task.make_model(nnx.Rngs(key))
-      return nnx.to_pure_dict(nnx.split(model, self.task.trainable, ...)[1])
+      return self._init_model(key)[0]
     return theta_init
 
   def _value_and_grad(self, eta: dict, batch: PyTree, theta_base: PyTree):
@@ -201,35 +360,53 @@ class BilevelTrainer:
       def one(episode):
         inner, outer = self.task.split_episode(episode, self.num_inner_steps)
         return self.meta_gradient.objective(
-            eta, self.spec.theta0(eta, theta_base), inner, outer)
-      values, aux = jax.vmap(one)(batch)
+            eta, self._theta0(eta, theta_base), inner, outer)
+      values, aux = self._vmap(one)(batch)
       return jnp.mean(values), aux
     return jax.value_and_grad(value, has_aux=True)(eta)
 
   def meta_value_and_grad(self, eta: dict, batch: PyTree
                           ) -> tuple[jax.Array, dict]:
-    """``(value, d value / d eta)`` for a meta-batch (leaves ``[B, ...]``):
-    the mean outer loss after T inner steps over the B episodes, and its
-    meta-gradient (with this trainer's strategy), from the model's
+    """``(value, d value / d eta)`` for a meta-batch (leaves ``[B, ...]``;
+    with several processes, this process's share, as `train_batches`
+    yields): the mean outer loss after T inner steps over the B episodes,
+    and its meta-gradient (with this trainer's strategy), from the model's
     initialisation unless theta0 is learned. Jitted; nothing is updated."""
-    (value, _), grads = self._jit_value_and_grad(eta, batch, self.theta_init)
+    (value, _), grads = self._jit_value_and_grad(
+        eta, self._global(batch), self.theta_init)
     return value, grads
+
+  def _abstract(self, tree: PyTree, shardings: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+        tree, shardings)
 
   def compiled_memory(self) -> memory.MemoryReport:
     """XLA's compiled memory of one meta-gradient (a meta-batch of B
-    episodes, this trainer's strategy), from shapes only: nothing runs.
+    episodes, this trainer's strategy and mesh), from shapes only: nothing
+    runs. Figures are per device.
 
-    Static memory is B x T stored copies of the inner carry (theta, s).
+    Static memory is the device's share of the B x T stored copies of the
+    inner carry (theta, s): its episodes' carries (B / devices when whole
+    episodes are split), each of them the device's shard of (theta, s).
     """
-    def shape(x):
-      return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-    eta = jax.eval_shape(self.init_state).eta
-    batch = jax.tree.map(shape, data.take(
-        self.task.episodes("train", self.seed, self.num_inner_steps),
-        self.meta_batch_size))
-    theta_init = jax.tree.map(shape, self.theta_init)
-    static = self.meta_batch_size * self.meta_gradient.static_bytes(
-        eta, jax.eval_shape(self.spec.theta0, eta, theta_init))
+    state = jax.eval_shape(self._initial_state, self.theta_init)
+    eta = self._abstract(state.eta, self.state_shardings.eta)
+    batch = self._abstract(self._batch_shapes, self._batch_shardings)
+    theta_init = self._abstract(self.theta_init, self.theta_shardings)
+    theta0 = jax.eval_shape(self.spec.theta0, eta, theta_init)
+    inner_state = jax.eval_shape(
+        lambda eta, theta: self.functional.optimizer(eta).init(theta),
+        eta, theta0)
+    carry = sharding.shard_bytes(
+        (theta0, inner_state),
+        (self.theta_shardings, sharding.optimizer_state_shardings(
+            self.functional.optimizer(state.eta), inner_state,
+            self.theta_shardings, self.mesh)))
+    episodes_per_device = (self.meta_batch_size if self._split_examples else
+                           self.meta_batch_size
+                           // sharding.batch_size_divisor(self.mesh))
+    static = episodes_per_device * self.num_inner_steps * carry
     return memory.analyze(self._value_and_grad, eta, batch, theta_init,
                           static_bytes=static)
 
@@ -251,44 +428,61 @@ class BilevelTrainer:
 
   def step(self, state: TrainState, batch: PyTree
            ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One jitted meta-step on a meta-batch (leaves ``[B, ...]``).
+    """One jitted meta-step on a meta-batch (leaves ``[B, ...]``; with
+    several processes, this process's share, as `train_batches` yields).
 
     ``state`` is donated (its buffers are reused); use the returned one.
     """
-    return self._step(state, batch, self.theta_init)
+    return self._step(state, self._global(batch), self.theta_init)
 
   # ------------------------------------------------------------- evaluation
-  def _evaluate_episodes(self, eta: dict, theta_init: PyTree, episodes: PyTree):
+  def _evaluate_episodes(self, eta: dict, theta_init: PyTree, episodes: PyTree,
+                         num_tasks: int):
     f = self.functional
 
     def one(episode):
       inner, outer = self.task.split_episode(episode, self.num_inner_steps)
-      theta0 = self.spec.theta0(eta, theta_init)
+      theta0 = self._theta0(eta, theta_init)
       theta_T = self._adapt(eta, theta0, inner).params
       out = {"outer_loss": f.outer_loss(theta_T, eta, outer),
              "outer_loss_before_adaptation": f.outer_loss(theta0, eta, outer)}
       out.update(f.eval_metrics(theta_T, eta, outer))
       return out
 
-    per_episode = jax.lax.map(one, episodes, batch_size=self.meta_batch_size)
-    return jax.tree.map(jnp.mean, per_episode)
+    # Chunks of B episodes (laid out like a meta-batch), one after another.
+    per_episode = jax.lax.map(self._vmap(one), episodes)  # leaves [C, B]
+    return jax.tree.map(lambda v: jnp.mean(v.reshape(-1)[:num_tasks]),
+                        per_episode)
 
   def eval_episodes(self, split: str, num_tasks: int) -> PyTree:
-    """The fixed held-out episodes of ``split`` (stacked, cached)."""
+    """The fixed held-out episodes of ``split``: the first ``num_tasks``
+    (rounded up to whole meta-batches), global arrays ``[chunks, B, ...]``
+    (cached)."""
     key = (split, num_tasks)
     if key not in self._eval_cache:
-      self._eval_cache[key] = data.take(
-          self.task.episodes(split, self.seed, self.num_inner_steps), num_tasks)
+      chunks = math.ceil(num_tasks / self.meta_batch_size)
+      episodes, owned = self._episodes(split)
+      read = data.MetaBatch(episodes, self.meta_batch_size, owned)
+      self._eval_cache[key] = self._global(
+          data.stack([read(c) for c in range(chunks)]), chunks)
     return self._eval_cache[key]
+
+  @functools.cached_property
+  def _evaluate(self):
+    return jax.jit(
+        self._evaluate_episodes, static_argnums=3,
+        in_shardings=(self.state_shardings.eta, self.theta_shardings,
+                      self._chunked(self._batch_shardings)),
+        out_shardings=self._replicated)
 
   def evaluate(self, eta: dict, split: Optional[str] = None,
                num_tasks: Optional[int] = None) -> dict[str, float]:
     """Mean metrics over held-out episodes after T inner steps from
     ``theta0(eta)``: ``outer_loss`` (V at theta_T), the outer loss before
     adaptation, and the task's `Task.eval_metrics`."""
-    episodes = self.eval_episodes(split or self.eval_split,
-                                  num_tasks or self.num_eval_tasks)
-    result = self._evaluate(eta, self.theta_init, episodes)
+    num_tasks = num_tasks or self.num_eval_tasks
+    episodes = self.eval_episodes(split or self.eval_split, num_tasks)
+    result = self._evaluate(eta, self.theta_init, episodes, num_tasks)
     return {k: float(v) for k, v in result.items()}
 
   # -------------------------------------------------------------- the loop

@@ -301,10 +301,12 @@ class ConvNet(nnx.Module):
   def __init__(self, image_shape: tuple[int, int, int], num_classes: int,
                channels: int, num_blocks: int, rngs: nnx.Rngs):
     height, width, in_channels = image_shape
+    dtype = jnp.result_type(float)  # float64 under jax.enable_x64
     convs, norms, pools = [], [], []
     for _ in range(num_blocks):
       convs.append(Conv3x3(in_channels, channels, rngs))
-      norms.append(nnx.GroupNorm(channels, num_groups=1, rngs=rngs))
+      norms.append(nnx.GroupNorm(channels, num_groups=1, param_dtype=dtype,
+                                 rngs=rngs))
       pool = height >= 4 and width >= 4
       if pool:
         height, width = height // 2, width // 2
@@ -313,7 +315,8 @@ class ConvNet(nnx.Module):
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
     self.pools = tuple(pools)
-    self.head = nnx.Linear(height * width * channels, num_classes, rngs=rngs)
+    self.head = nnx.Linear(height * width * channels, num_classes,
+                           param_dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for conv, norm, pool in zip(self.convs, self.norms, self.pools):

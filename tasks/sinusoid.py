@@ -30,9 +30,10 @@ class MLP(nnx.Module):
 
   def __init__(self, widths: tuple[int, ...], rngs: nnx.Rngs):
     sizes = (1,) + tuple(widths)
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
+    dtype = jnp.result_type(float)  # float64 under jax.enable_x64
+    self.hidden = nnx.List([nnx.Linear(a, b, param_dtype=dtype, rngs=rngs)
                             for a, b in zip(sizes[:-1], sizes[1:])])
-    self.out = nnx.Linear(sizes[-1], 1, rngs=rngs)
+    self.out = nnx.Linear(sizes[-1], 1, param_dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.hidden:

@@ -7,9 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaflow import optim
+from metaflow import optim, sharding
 
 IN, HIDDEN, BATCH = 3, 5, 4
+
+#: A mesh of one device: the tests of single-device behaviour run on it
+#: (the test processes have 8 host devices, see conftest.py).
+ONE_DEVICE = sharding.make_mesh(devices=jax.devices()[:1])
 KINDS = ("init", "lr", "loss_weights")
 OPTIMIZERS = optim.NAMES
 
@@ -89,6 +93,7 @@ def tree_rel_error(a, b) -> float:
   """||a - b|| / ||b|| over all leaves (norm-wise relative error)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb))
-  den = sum(float(jnp.sum(y ** 2)) for y in lb)
+  la, lb = [np.asarray(x) for x in la], [np.asarray(y) for y in lb]
+  num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
+  den = sum(float(np.sum(y ** 2)) for y in lb)
   return float(np.sqrt(num / den))

@@ -66,10 +66,31 @@ def test_small_lm_benchmark(tmp_path, capsys):
   assert (out / "benchmark_lm.png").stat().st_size > 0
 
 
+def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys):
+  """--mesh: per-device memory next to one device's (8 host devices here)."""
+  from launch import benchmark_lm
+  out = tmp_path / "bench"
+  assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "tiny",
+                            "--steps", "2", "--batch", "8", "--seq_len", "64",
+                            "--repeats", "0", "--strategies", "mixflow",
+                            "--mesh", "data=2,fsdp=4", "--host_devices", "8",
+                            "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "mesh data=2 x fsdp=4 (8 devices, 1 process)" in printed
+  assert "one device: temp" in printed
+  rows = json.loads((out / "benchmark_lm.json").read_text())["rows"]
+  for r in rows:
+    assert r["one_device"]["temp_bytes"] > r["temp_bytes"]
+    assert r["static_ratio_one_device"] == pytest.approx(4.0, rel=1e-3)
+    assert r["temp_ratio_one_device"] > 2
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "sinusoid_maml"], "unknown task(s) ['sinusoid_maml']"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--repeats", "-1"], "--repeats must be >= 0"),
+    (["--mesh", "data=2,model=4"], "mesh axes are data and fsdp"),
+    (["--mesh", "2x4"], "expected data=D,fsdp=F"),
 ])
 def test_lm_benchmark_bad_arguments(argv, message, capsys):
   from launch import benchmark_lm

@@ -68,3 +68,18 @@ def test_bad_arguments():
     data.meta_batches(episodes, 2, num_workers=-1)
   with pytest.raises(ValueError, match="seed"):
     data.episodes(SAMPLER, -1, "train")
+
+
+def test_a_share_of_each_meta_batch():
+  """A process reads only its positions of every meta-batch; the iterator
+  state (the next meta-batch index) is the same as for the whole batch."""
+  episodes = data.episodes(SAMPLER, 0, "train")
+  whole = iter(data.meta_batches(episodes, 6))
+  share = iter(data.meta_batches(episodes, 6, owned=((0, 2), (4, 6))))
+  for _ in range(2):
+    expected, got = next(whole), next(share)
+    np.testing.assert_array_equal(got["support"]["x"],
+                                  expected["support"]["x"][[0, 1, 4, 5]])
+  assert share.get_state() == whole.get_state()
+  with pytest.raises(ValueError, match="owned"):
+    data.meta_batches(episodes, 6, owned=((4, 8),))

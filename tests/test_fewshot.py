@@ -19,6 +19,7 @@ import metaflow
 from metaflow.meta_params import LossWeights, MetaParams
 from tasks import fewshot
 from tasks.fewshot import EpisodeSampler, FewShotClassification
+from tests.problems import ONE_DEVICE
 
 NUM_CLASSES, PER_CLASS, SIZE = 12, 20, 6
 # Non-contiguous label values: episodes must relabel them 0..N-1.
@@ -400,7 +401,7 @@ def test_meta_training_beats_random_init_on_unseen_classes():
   trainer = metaflow.BilevelTrainer(
       task, num_inner_steps=5, meta_batch_size=4,
       outer_optimizer=optax.adam(3e-3), seed=0, eval_split="test",
-      num_eval_tasks=100)
+      num_eval_tasks=100, mesh=ONE_DEVICE)
   result = trainer.fit(200, log_every=100, console=False)
   before = result.initial_eval["accuracy"]
   after = result.final_eval["accuracy"]

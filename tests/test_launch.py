@@ -126,10 +126,22 @@ def _bad_npz(tmp_path):
     (lambda d: ["--task", "lm_maml", f"--workdir={d}",
                 "--config.task.preset=huge"],
      "error: Unknown transformer preset 'huge'; known presets: nano, tiny, "),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--config.mesh.data=3"],
+     "error: mesh data=3 x fsdp=1 needs 3 devices, but there are 1"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--coordinator_address=localhost:1234"],
+     "error: --coordinator_address need(s) --num_processes and --process_id "
+     "as well"),
+    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
+                "--coordinator_address=localhost:1234", "--num_processes=2",
+                "--process_id=2"],
+     "error: --process_id must be in 0 .. 1 for --num_processes=2, got 2."),
 ], ids=["unknown-task", "no-task", "unknown-key", "unknown-task-key",
         "wrong-type", "unknown-strategy", "bad-value", "workdir-is-file",
         "missing-data-file", "bad-data-shape", "empty-text", "short-text",
-        "seq-len-above-max", "non-utf8-strict", "unknown-preset"])
+        "seq-len-above-max", "non-utf8-strict", "unknown-preset",
+        "mesh-too-large", "partial-coordinates", "bad-process-id"])
 def test_bad_input_is_one_clear_line(make_args, message, tmp_path):
   (tmp_path / "file").write_text("not a directory")
   done = run_train(*make_args(tmp_path))

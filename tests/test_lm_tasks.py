@@ -27,7 +27,8 @@ def _trainer(name, strategy="mixflow", num_steps=2, meta_batch_size=1,
   task = create_task(name, **{"preset": "tiny", "seq_len": 32,
                               "batch_size": 2, **settings})
   return BilevelTrainer(task, strategy=strategy, num_inner_steps=num_steps,
-                        meta_batch_size=meta_batch_size, num_eval_tasks=4)
+                        meta_batch_size=meta_batch_size, num_eval_tasks=4,
+                        mesh=P.ONE_DEVICE)
 
 
 def _strategy_errors(name, **settings):
@@ -130,7 +131,7 @@ def test_initial_loss_weights_are_one():
 def test_meta_training_lowers_held_out_outer_loss(name, outer_lr, steps):
   task = create_task(name, preset="nano", seq_len=64, batch_size=4)
   trainer = BilevelTrainer(task, num_inner_steps=4, meta_batch_size=1,
-                           num_eval_tasks=8,
+                           num_eval_tasks=8, mesh=P.ONE_DEVICE,
                            outer_optimizer=optax.adam(outer_lr))
   result = trainer.fit(steps, log_every=steps, console=False)
   before = result.initial_eval["outer_loss"]
@@ -154,7 +155,7 @@ def test_resume_is_bit_identical(tmp_path):
     return BilevelTrainer(
         create_task("lm_learned_lr", preset="nano", seq_len=32, batch_size=2),
         num_inner_steps=2, meta_batch_size=2, num_eval_tasks=2,
-        outer_optimizer=optax.adam(1e-2))
+        outer_optimizer=optax.adam(1e-2), mesh=P.ONE_DEVICE)
   straight = trainer().fit(4, tmp_path / "straight", checkpoint_every=2,
                            console=False)
   trainer().fit(2, tmp_path / "resumed", checkpoint_every=2, console=False)

@@ -318,3 +318,22 @@ def test_utf8_check_is_incremental(tmp_path):
   for chunk in (1, 2, 4, 1 << 20):
     assert text.first_invalid_utf8(bad, chunk) == 6
     assert text.first_invalid_utf8(truncated, chunk) == 6
+
+
+def test_episodes_of_some_rows_read_only_those_rows():
+  """A process's share of the sequences (rows of every batch) equals the
+  same rows of the full episodes; Task.local_episodes' generic cut agrees."""
+  from metaflow.task import TakeExamples
+  corpus = text.TextCorpus(seq_len=31)
+  T, B, rows = 2, 6, ((1, 3), (4, 5))
+  full = text.lm_episodes(corpus, "train", 0, T, B)
+  share = text.lm_episodes(corpus, "train", 0, T, B, rows=rows)
+  cut = full.map(TakeExamples({"inner": 1, "outer": 0}, rows))
+  for i in (0, 5):
+    for episode in (share[i], cut[i]):
+      np.testing.assert_array_equal(episode["inner"],
+                                    full[i]["inner"][:, [1, 2, 4]])
+      np.testing.assert_array_equal(episode["outer"],
+                                    full[i]["outer"][[1, 2, 4]])
+  with pytest.raises(ValueError, match="rows"):
+    text.lm_episodes(corpus, "train", 0, T, B, rows=((4, 7),))

@@ -17,6 +17,7 @@ import pytest
 
 from metaflow import checkpoint
 from metaflow.trainer import BilevelTrainer
+from tests.problems import ONE_DEVICE
 from tests.test_trainer import Regression
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ class Resampled(Regression):
 
 def make_trainer(**kwargs):
   settings = dict(num_inner_steps=2, meta_batch_size=3, num_eval_tasks=4,
-                  outer_optimizer=optax.adam(1e-2), seed=3)
+                  outer_optimizer=optax.adam(1e-2), seed=3, mesh=ONE_DEVICE)
   settings.update(kwargs)
   return BilevelTrainer(Resampled(learn_init=False, lr="tensor"), **settings)
 

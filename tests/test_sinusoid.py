@@ -9,6 +9,7 @@ import optax
 from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
 from tasks.sinusoid import SinusoidSampler
+from tests.problems import ONE_DEVICE
 
 
 def test_episode_is_a_sinusoid():
@@ -29,7 +30,7 @@ def test_episode_is_a_sinusoid():
 def test_maml_halves_post_adaptation_mse():
   trainer = BilevelTrainer(create_task("sinusoid_maml"), num_inner_steps=5,
                            meta_batch_size=25, num_eval_tasks=100,
-                           outer_optimizer=optax.adam(3e-3))
+                           outer_optimizer=optax.adam(3e-3), mesh=ONE_DEVICE)
   result = trainer.fit(600, log_every=600, console=False)
   for split in ("validation", "test"):
     before = trainer.evaluate(trainer.init_state().eta, split)["outer_loss"]
@@ -40,7 +41,8 @@ def test_maml_halves_post_adaptation_mse():
 def test_meta_sgd_learns_per_element_learning_rates():
   trainer = BilevelTrainer(create_task("sinusoid_maml", learn_lr=True),
                            num_inner_steps=5, meta_batch_size=10,
-                           num_eval_tasks=20, outer_optimizer=optax.adam(3e-3))
+                           num_eval_tasks=20, outer_optimizer=optax.adam(3e-3),
+                           mesh=ONE_DEVICE)
   eta0 = trainer.init_state().eta
   assert eta0["log_lr"]["out"]["kernel"].shape == (40, 1)
   result = trainer.fit(50, log_every=50, console=False)

@@ -115,7 +115,7 @@ def reference_value_and_grad(trainer: BilevelTrainer, eta, batch):
 
 def _check_exact(task, strategy, num_steps=3):
   trainer = BilevelTrainer(task, strategy=strategy, num_inner_steps=num_steps,
-                           meta_batch_size=2, seed=1)
+                           meta_batch_size=2, seed=1, mesh=P.ONE_DEVICE)
   eta = trainer.init_state().eta
   batch = next(trainer.train_batches())
   value, grads = trainer.meta_value_and_grad(eta, batch)
@@ -207,6 +207,7 @@ def test_loss_weights_in_range_and_unweighted_outer():
 def test_training_improves_held_out_outer_loss():
   trainer = BilevelTrainer(Regression(lr="tensor"), num_inner_steps=3,
                            meta_batch_size=4, num_eval_tasks=32,
+                           mesh=P.ONE_DEVICE,
                            outer_optimizer=optax.adam(1e-2))
   result = trainer.fit(150, log_every=50, console=False)
   assert result.final_eval["outer_loss"] < 0.8 * result.initial_eval["outer_loss"]
@@ -223,7 +224,8 @@ def test_resample_init_uses_rng():
     resample_init: bool = True
 
   trainer = BilevelTrainer(Resampled(learn_init=False, lr="tensor"),
-                           meta_batch_size=2, num_inner_steps=2)
+                           meta_batch_size=2, num_inner_steps=2,
+                           mesh=P.ONE_DEVICE)
   state = trainer.init_state()
   k1, k2 = jax.random.split(state.rng)
   t1 = trainer._theta_base(k2, trainer.theta_init)
@@ -280,7 +282,7 @@ def test_errors():
                      r"top-level keys of the parameters \['l1', 'l2'\]"):
     LearnedLearningRates(stacked=("blocks",)).init_log_lr(
         {"l1": jnp.zeros(2), "l2": jnp.zeros(3)}, num_steps=1)
-  trainer = BilevelTrainer(Regression(), meta_batch_size=1)
+  trainer = BilevelTrainer(Regression(), meta_batch_size=1, mesh=P.ONE_DEVICE)
   with pytest.raises(ValueError, match="num_meta_steps"):
     trainer.fit(-1)
 
@@ -308,7 +310,7 @@ def test_unsupported_strategy_rejected_before_compiling():
     supported_strategies = ("standard", "standard+remat")
     unsupported_reason = "its loss uses a custom-VJP op without a JVP rule"
 
-  BilevelTrainer(StandardOnly(), strategy="standard")
+  BilevelTrainer(StandardOnly(), strategy="standard", mesh=P.ONE_DEVICE)
   with pytest.raises(ValueError, match="does not support strategy 'mixflow'.*"
                      "custom-VJP"):
     BilevelTrainer(StandardOnly(), strategy="mixflow")

@@ -25,4 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 0             # 0: evaluate at the start and the end only
   config.checkpoint_every = 500     # 0: checkpoint at the end only
   config.num_workers = 0            # Grain worker processes (0: in process)
+  # Devices: a (data, fsdp) mesh over every device of every process; -1 for
+  # one axis means the rest (metaflow.sharding.make_mesh). Not part of the
+  # checkpoint fingerprint: a run resumes on any mesh.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.x64 = False                # float64 parameters and meta-parameters
   return config

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 STACKED_KEY = "blocks"
 """Top-level parameter key whose leaves stack the blocks on a leading axis."""
@@ -307,6 +308,22 @@ def next_token_losses(model: Transformer, tokens: jax.Array) -> jax.Array:
   labels = tokens[:, 1:].astype(jnp.int32)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
+
+#: How the parameters are split over the mesh's ``fsdp`` axis (one rule per
+#: tensor kind; `metaflow.sharding.param_specs`): the model-width axis of
+#: every tensor, which every preset's width (a multiple of 64) lets fsdp
+#: sizes up to 64 divide. Stacked block tensors keep their leading depth axis.
+PARTITION_RULES = (
+    (r"^embed/embedding$", P(None, "fsdp")),                  # [vocab, W]
+    (r"^blocks/(attn|mlp)_norm/scale$", P(None, "fsdp")),     # [depth, W]
+    (r"^blocks/attn/(query|key|value)/kernel$",
+     P(None, "fsdp", None)),                                  # [depth, W, W]
+    (r"^blocks/attn/out/kernel$", P(None, None, "fsdp")),     # [depth, W, W]
+    (r"^blocks/mlp/up/kernel$", P(None, "fsdp", None)),       # [depth, W, 4W]
+    (r"^blocks/mlp/down/kernel$", P(None, None, "fsdp")),     # [depth, 4W, W]
+    (r"^final_norm/scale$", P("fsdp")),                       # [W]
+    (r"^head/kernel$", P("fsdp", None)),                      # [W, vocab]
+)
 
 # Chinchilla (Hoffmann et al., 2022), Table A9: name (millions of parameters
 # with its ~32k vocabulary) -> (d_model, kv_size, n_heads, n_layers); the

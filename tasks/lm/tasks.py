@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import grain
 import jax
@@ -72,7 +72,12 @@ class LanguageModelTask(Task):
     resample_init: a fresh model initialisation theta0 at every meta-step
       (for tasks that do not learn theta0), so that learned
       hyper-parameters do not overfit one initialisation.
+
+  On several devices the B sequences of every batch are split over them
+  (``example_axes``) and the transformer's parameters over the mesh's
+  ``fsdp`` axis (`tasks.lm.model.PARTITION_RULES`).
   """
+  example_axes: ClassVar[Any] = {"inner": 1, "outer": 0}
   data_path: str = ""
   preset: str = "tiny"
   seq_len: int = 128
@@ -129,6 +134,18 @@ class LanguageModelTask(Task):
     """``{"inner": uint8 [T, B, L+1], "outer": uint8 [B, L+1]}`` episodes."""
     return text.lm_episodes(self.corpus, split, seed, num_inner_steps,
                             self.batch_size)
+
+  def local_episodes(self, split: str, seed: int, num_inner_steps: int,
+                     examples: tuple[tuple[int, int], ...]
+                     ) -> grain.MapDataset:
+    """Episodes of only the sequences ``examples`` (rows of every batch):
+    a process reads only its share."""
+    return text.lm_episodes(self.corpus, split, seed, num_inner_steps,
+                            self.batch_size, rows=examples)
+
+  def partition_rules(self) -> tuple[tuple[str, Any], ...]:
+    """The transformer's table: the width axis of every tensor over fsdp."""
+    return lm_model.PARTITION_RULES
 
   def split_episode(self, episode: dict, num_steps: int
                     ) -> tuple[jax.Array, jax.Array]:

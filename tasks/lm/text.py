@@ -385,10 +385,14 @@ class _Batch:
     self.__dict__.update(state)
 
   def __call__(self, index: int) -> np.ndarray:
+    return self.rows(index, range(self.batch_size))
+
+  def rows(self, index: int, rows) -> np.ndarray:
+    """Rows ``rows`` (positions within the batch) of batch ``index``:
+    ``uint8 [len(rows), seq_len + 1]``; only those sequences are read."""
     start = int(index) * self.batch_size
     sequences = self._sequences
-    return np.stack([sequences[i]
-                     for i in range(start, start + self.batch_size)])
+    return np.stack([sequences[start + r] for r in rows])
 
 
 def _stream(corpus: TextCorpus, part: str, batch_size: int, seed: int,
@@ -424,19 +428,26 @@ def batches(corpus: TextCorpus, part: str, batch_size: int, seed: int,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Episode:
-  """``i -> {"inner": [T, B, L+1], "outer": [B, L+1]}`` (picklable)."""
+  """``i -> {"inner": [T, B, L+1], "outer": [B, L+1]}`` (picklable); with
+  ``rows``, only those rows of every batch (``[T, R, L+1]``, ``[R, L+1]``)."""
   inner: _Batch  # Batch i: inner batches T*i .. T*i+T-1 of B, concatenated.
   outer: _Batch
   num_inner_steps: int
+  rows: tuple[int, ...]
 
   def __call__(self, index: int) -> dict:
-    inner = self.inner(index)
+    batch_size = self.outer.batch_size
+    inner = self.inner.rows(index, [t * batch_size + r
+                                    for t in range(self.num_inner_steps)
+                                    for r in self.rows])
     return {"inner": inner.reshape(self.num_inner_steps, -1, inner.shape[-1]),
-            "outer": self.outer(index)}
+            "outer": self.outer.rows(index, self.rows)}
 
 
 def lm_episodes(corpus: TextCorpus, split: str, seed: int,
-                num_inner_steps: int, batch_size: int) -> grain.MapDataset:
+                num_inner_steps: int, batch_size: int,
+                rows: Optional[Sequence[tuple[int, int]]] = None
+                ) -> grain.MapDataset:
   """Deterministic episodes of the meta-learner for ``split``.
 
   Item ``i`` is ``{"inner": uint8 [T, B, L+1], "outer": uint8 [B, L+1]}``:
@@ -452,6 +463,10 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
     seed: the data seed (>= 0).
     num_inner_steps: T.
     batch_size: B.
+    rows: only these rows of every batch (``(start, stop)`` ranges of
+      ``range(B)``, concatenated), reading only their sequences: one
+      process's share when the sequences are split over processes. Default:
+      all B.
 
   Returns:
     A picklable dataset of `metaflow.data.NUM_EPISODES` episodes; item ``i``
@@ -460,8 +475,13 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
   data.check_split(split)
   num_inner_steps = _check_int("num_inner_steps", num_inner_steps, 1)
   batch_size = _check_int("batch_size", batch_size, 1)
+  positions = (tuple(range(batch_size)) if rows is None else
+               tuple(r for start, stop in rows for r in range(start, stop)))
+  if not positions or not all(0 <= r < batch_size for r in positions):
+    raise ValueError(f"rows {rows} must be non-empty ranges within the "
+                     f"batch of {batch_size}.")
   make = _Episode(
       inner=_stream(corpus, "train", num_inner_steps * batch_size, seed, split),
       outer=_stream(corpus, OUTER_PARTS[split], batch_size, seed, split),
-      num_inner_steps=num_inner_steps)
+      num_inner_steps=num_inner_steps, rows=positions)
   return grain.MapDataset.range(data.NUM_EPISODES).map(make)
