@@ -373,8 +373,12 @@ class BilevelTrainer:
     and its meta-gradient (with this trainer's strategy), from the model's
     initialisation unless theta0 is learned. Jitted; nothing is updated."""
     (value, _), grads = self._jit_value_and_grad(
-        eta, self._global(batch), self.theta_init)
+        self._place_eta(eta), self._global(batch), self.theta_init)
     return value, grads
+
+  def _place_eta(self, eta: dict) -> dict:
+    """eta in this trainer's layout (e.g. from another mesh, or numpy)."""
+    return jax.device_put(eta, self.state_shardings.eta)
 
   def _abstract(self, tree: PyTree, shardings: PyTree) -> PyTree:
     return jax.tree.map(
@@ -482,7 +486,8 @@ class BilevelTrainer:
     adaptation, and the task's `Task.eval_metrics`."""
     num_tasks = num_tasks or self.num_eval_tasks
     episodes = self.eval_episodes(split or self.eval_split, num_tasks)
-    result = self._evaluate(eta, self.theta_init, episodes, num_tasks)
+    result = self._evaluate(self._place_eta(eta), self.theta_init, episodes,
+                            num_tasks)
     return {k: float(v) for k, v in result.items()}
 
   # -------------------------------------------------------------- the loop

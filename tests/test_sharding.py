@@ -316,10 +316,14 @@ def test_checkpoint_moves_between_meshes(tmp_path):
                           num_eval_tasks=2, mesh=mesh,
                           outer_optimizer=optax.adam(3e-3))
   with jax.enable_x64(True):
-    trainer(sharding.make_mesh(fsdp=8)).fit(2, tmp_path / "moved",
-                                            console=False)
+    split = trainer(sharding.make_mesh(fsdp=8))
+    split.fit(2, tmp_path / "moved", console=False)
     moved = trainer(P.ONE_DEVICE).fit(4, tmp_path / "moved", console=False)
     straight = trainer(P.ONE_DEVICE).fit(4, console=False)
+    # eta of one mesh is evaluated on another (placed in its layout).
+    evaluation = split.evaluate(straight.state.eta)
   assert moved.state.eta["init"]["head"]["kernel"].sharding.mesh.size == 1
   assert P.tree_rel_error(moved.state.eta, straight.state.eta) < 1e-9
   np.testing.assert_array_equal(moved.state.rng, straight.state.rng)
+  np.testing.assert_allclose(evaluation["outer_loss"],
+                             straight.final_eval["outer_loss"], rtol=1e-9)
