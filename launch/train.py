@@ -43,7 +43,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 #: Config keys that may change when a run is resumed: they change how long it
 #: runs, how often it reports, and how (on which devices) the same
-#: meta-gradient is computed, not the trajectory of the meta-parameters. (``num_workers`` is not one of them:
+#: meta-gradient is computed, not the trajectory of the meta-parameters.
+#: (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
                   "strategy", "mesh")
