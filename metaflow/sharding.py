@@ -13,15 +13,18 @@ What is split, per array (the trainer applies these; the engine never sees a
 mesh: sharding is a property of the arrays it is given, and XLA's SPMD
 partitioner propagates it through the jitted meta-step):
 
-==========================  ================================================
-batch (episodes / examples)  one axis split over ``("data", "fsdp")``:
-                             whole episodes of a meta-batch, or the
-                             examples inside an episode (`Task.example_axes`)
-theta, eta["init"]           by the task's partition rules over ``fsdp``
-                             (`param_specs`); replicated over ``data``
-the rest of eta, outer       replicated (their optimiser state follows eta)
-optimiser scalars, RNG, step
-==========================  ================================================
+============================  ==============================================
+batch (episodes or examples)  one axis split over ``("data", "fsdp")``:
+                              whole episodes of a meta-batch, or the
+                              examples inside an episode
+                              (`Task.example_axes`)
+theta, eta["init"]            with ``example_axes``: by the task's partition
+                              rules over ``fsdp`` (`param_specs`),
+                              replicated over ``data``; otherwise
+                              replicated (theta is per episode)
+the rest of eta, outer        replicated (the outer optimiser state follows
+optimiser scalars, RNG, step  eta)
+============================  ==============================================
 
 A rule is ``(regex, PartitionSpec)``, matched with ``re.search`` against a
 parameter's path (``"blocks/attn/query/kernel"``); the first match wins; a
