@@ -4,7 +4,6 @@ devices equal to one device's in float64 for every layout, the bug class of
 mixed episodes caught, per-device memory divided by fsdp, and checkpoints
 that move between meshes."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
