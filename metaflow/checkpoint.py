@@ -33,6 +33,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -112,6 +113,9 @@ class Checkpointer:
     """Writes checkpoint ``step`` (no-op if it already exists)."""
     if step in self._manager.all_steps():
       return
+    # With several processes Orbax's barriers are computations on every
+    # device; start them with nothing else in flight.
+    jax.block_until_ready(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_iterator.get_state()),

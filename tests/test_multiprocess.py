@@ -17,6 +17,9 @@ import pytest
 
 from tests import problems as P
 
+# One worker runs these one after another (each starts 2 JAX processes).
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--task", "sinusoid_maml", "--config.x64=True",
          "--config.meta_batch_size=8", "--config.num_eval_tasks=8",
@@ -26,9 +29,29 @@ LOCAL = [sys.executable, "-m", "launch.local", "--num_processes", "2",
          "--devices_per_process", "2", "--"]
 
 
-def run(argv, timeout=300):
-  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+def run(argv, timeout=300) -> subprocess.CompletedProcess:
+  """Runs ``argv`` to the end. Past ``timeout`` seconds the test fails with
+  the output, which ends with every JAX process's Python stacks: each is sent
+  SIGABRT, and Python's faulthandler (PYTHONFAULTHANDLER) dumps all threads
+  before the process dies, so a hang shows where each process waited."""
+  proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    # launch.local's children, or the launch.train process itself.
+    jax_processes = _children(proc.pid) if LOCAL[2] in argv else [proc.pid]
+    for pid in jax_processes:
+      os.kill(pid, signal.SIGABRT)
+    try:
+      stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      stdout, stderr = proc.communicate()
+    pytest.fail(f"{' '.join(argv)} did not end within {timeout} s; its "
+                f"output:\n{stdout[-40000:]}\n{stderr[-6000:]}")
+  return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def checkpointed_state(workdir, step) -> dict:
