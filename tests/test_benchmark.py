@@ -1,6 +1,7 @@
 """The benchmark entry point runs, prints its table and writes JSON."""
 
 import json
+import os
 
 import pytest
 
@@ -66,9 +67,12 @@ def test_small_lm_benchmark(tmp_path, capsys):
   assert (out / "benchmark_lm.png").stat().st_size > 0
 
 
-def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys):
+def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys, monkeypatch):
   """--mesh: per-device memory next to one device's (8 host devices here)."""
   from launch import benchmark_lm
+  # --host_devices sets XLA_FLAGS in this process; later tests' commands on
+  # this worker must not inherit 8 devices.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
   out = tmp_path / "bench"
   assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "tiny",
                             "--steps", "2", "--batch", "8", "--seq_len", "64",
