@@ -216,13 +216,23 @@ def plot(rows: list[dict], plt):
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.host_devices:
+    previous = os.environ.get("XLA_FLAGS")
     os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split()
+        [f for f in (previous or "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
         + [f"--xla_force_host_platform_device_count={args.host_devices}"])
-    if jax.device_count() != args.host_devices:
+    try:
+      devices = jax.device_count()  # Starts the backend with the flag.
+    finally:
+      # Read once, at backend start: later subprocesses of the caller (tests,
+      # notebooks) must not inherit it.
+      if previous is None:
+        del os.environ["XLA_FLAGS"]
+      else:
+        os.environ["XLA_FLAGS"] = previous
+    if devices != args.host_devices:
       raise SystemExit(f"error: --host_devices {args.host_devices}: JAX had "
-                       f"already started with {jax.device_count()} devices.")
+                       f"already started with {devices} devices.")
   print(f"metaflow LM benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); preset {args.preset}"
         + (f", mesh {sharding.describe(sharding.make_mesh(**args.mesh))}"

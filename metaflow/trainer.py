@@ -502,10 +502,10 @@ class BilevelTrainer:
     XLA:CPU, every computation on global arrays is launched on every local
     device. Ten queued meta-steps followed by some twenty eager ops on their
     metrics hung a 2-process x 2-device run on 2 loaded cores (one run of
-    three here, and once in CI): gdb showed one device's half of a meta-step's all-reduce
-    blocked on a semaphore in XLA's CPU executable launch while later
-    launches waited for that step's outputs, and the other process waiting
-    for the missing half. With one step ahead the host still prepares the
+    three here, and once in CI): gdb showed one device's half of a
+    meta-step's all-reduce blocked on a semaphore in XLA's CPU executable
+    launch while later launches waited for that step's outputs, and the other
+    process waiting for the missing half. With one step ahead the host still prepares the
     next batch while the device computes.
     """
     def summarise(rows):

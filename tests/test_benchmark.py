@@ -67,18 +67,18 @@ def test_small_lm_benchmark(tmp_path, capsys):
   assert (out / "benchmark_lm.png").stat().st_size > 0
 
 
-def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys, monkeypatch):
+def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys):
   """--mesh: per-device memory next to one device's (8 host devices here)."""
   from launch import benchmark_lm
-  # --host_devices sets XLA_FLAGS in this process; later tests' commands on
-  # this worker must not inherit 8 devices.
-  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  xla_flags = os.environ.get("XLA_FLAGS")
   out = tmp_path / "bench"
   assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "tiny",
                             "--steps", "2", "--batch", "8", "--seq_len", "64",
                             "--repeats", "0", "--strategies", "mixflow",
                             "--mesh", "data=2,fsdp=4", "--host_devices", "8",
                             "--out", str(out)]) == 0
+  # Later tests' commands on this worker must not inherit 8 devices.
+  assert os.environ.get("XLA_FLAGS") == xla_flags
   printed = capsys.readouterr().out
   assert "mesh data=2 x fsdp=4 (8 devices, 1 process)" in printed
   assert "one device: temp" in printed
