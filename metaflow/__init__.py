@@ -3,19 +3,24 @@
 The core is MixFlow-MG (Kemaev et al., ICML 2025): the meta-gradient of
 truncated back-propagation through an unrolled inner loop, with the inner
 gradient differentiated forward-over-reverse instead of reverse-over-reverse.
-Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
+Behind the same `Strategy` switch: the implicit (iMAML) and first-order
+approximations (`metaflow.implicit`, `metaflow.mixflow`). Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
 meta-learned) and `BilevelTrainer` (outer loop, evaluation, Orbax checkpoints,
 Grain data, clu metrics, on a device mesh of every device of every process:
 `metaflow.sharding`).
 """
 
-from metaflow import checkpoint, data, memory, metrics, optim, sharding
+from metaflow import (checkpoint, data, implicit, memory, metrics, optim,
+                      sharding)
 from metaflow.checkpoint import IncompatibleCheckpointError
 from metaflow.memory import MemoryReport
 from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
                                   MetaParams)
-from metaflow.mixflow import inner_value_and_grad, mixflow_value_and_grad
-from metaflow.strategy import Strategy, all_strategies, valid_strategy_names
+from metaflow.implicit import implicit_meta_grad, implicit_solve
+from metaflow.mixflow import (first_order_value_and_grad, gradient_jvp,
+                              inner_value_and_grad, mixflow_value_and_grad)
+from metaflow.strategy import (Strategy, all_strategies, exact_strategies,
+                               exact_strategy_names, valid_strategy_names)
 from metaflow.task import Task, create_task, register, registered_tasks
 from metaflow.trainer import BilevelTrainer, FitResult, TrainState
 from metaflow.unroll import (InnerLoopResult, MetaAux, MetaGradient, inner_loop,
@@ -42,6 +47,13 @@ __all__ = [
     "checkpoint",
     "create_task",
     "data",
+    "exact_strategies",
+    "exact_strategy_names",
+    "first_order_value_and_grad",
+    "gradient_jvp",
+    "implicit",
+    "implicit_meta_grad",
+    "implicit_solve",
     "inner_loop",
     "inner_value_and_grad",
     "memory",

@@ -21,7 +21,11 @@ with an entry per kind that the spec turns on:
 
 `MetaParams.init` builds eta; `MetaParams.theta0`, `MetaParams.inner_optimizer`
 and `Meta` (the view that losses receive) are how each kind is used. Every kind
-is differentiated by every gradient strategy: eta may enter theta0, Phi and L.
+is differentiated by every exact gradient strategy: eta may enter theta0, Phi
+and L. With a learned initialisation, ``proximal=lam`` adds iMAML's
+``lam/2 ||theta - eta["init"]||^2`` to L (`MetaParams.regularised`), for every
+strategy. The approximate strategies see only some of these paths;
+`MetaParams.check_strategy` refuses the kinds whose meta-gradient they miss.
 """
 
 from __future__ import annotations
@@ -161,12 +165,16 @@ class MetaParams:
     loss_weights: optional `LossWeights` rater (``eta["loss_weights"]``).
     user: ``{name: key -> pytree}`` initialisers of arbitrary user
       meta-parameters (``eta["user"][name]``), read by losses via `Meta.user`.
+    proximal: lam >= 0; with ``learn_init``, the inner loss is
+      ``L + lam/2 ||theta - eta["init"]||^2`` (iMAML's inner problem, whose
+      minimiser depends on the initialisation). 0: no term.
   """
   learn_init: bool = False
   learning_rate: Union[float, LearnedLearningRates] = 1e-2
   loss_weights: Optional[LossWeights] = None
   user: Mapping[str, Callable[[jax.Array], PyTree]] = dataclasses.field(
       default_factory=dict)
+  proximal: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.learning_rate, LearnedLearningRates):
@@ -184,6 +192,15 @@ class MetaParams:
           "MetaParams learns nothing: set learn_init=True, "
           "learning_rate=LearnedLearningRates(...), loss_weights=LossWeights("
           "...) or user={...}.")
+    lam = self.proximal
+    if (isinstance(lam, bool) or not isinstance(lam, (int, float))
+        or not lam >= 0):
+      raise ValueError(f"MetaParams.proximal must be a float >= 0, got {lam!r}.")
+    if lam and not self.learn_init:
+      raise ValueError(
+          "MetaParams.proximal pulls theta towards the learned initialisation "
+          "eta['init']: it needs learn_init=True.")
+    object.__setattr__(self, "proximal", float(lam))
 
   @property
   def kinds(self) -> tuple[str, ...]:
@@ -246,6 +263,47 @@ class MetaParams:
                       ) -> optax.GradientTransformation:
     """The inner optimiser ``make(learning_rate)`` with eta's learning rate."""
     return make(self.learning_rate_for(eta))
+
+  def regularised(self, inner_loss: jax.Array, theta: PyTree, eta: dict
+                  ) -> jax.Array:
+    """``L + lam/2 ||theta - eta["init"]||^2`` (``L`` itself when
+    ``proximal`` is 0): the inner loss every strategy differentiates."""
+    if not self.proximal:
+      return inner_loss
+    sq = sum(jnp.sum(jnp.square(t - t0)) for t, t0 in
+             zip(jax.tree.leaves(theta), jax.tree.leaves(eta["init"])))
+    return inner_loss + 0.5 * self.proximal * sq
+
+  def check_strategy(self, strategy: Any) -> None:
+    """Raises ValueError, before anything is compiled, for meta-parameters
+    whose meta-gradient ``strategy`` (a `metaflow.Strategy`) cannot see.
+
+    ``implicit`` differentiates the stationary point of L: learned learning
+    rates (they steer only the path to it) and a learned initialisation
+    without ``proximal`` (the stationary point does not depend on where
+    the loop starts) would get zero. ``first_order`` treats g_t as a
+    constant: loss weights, which reach V only through g_t, would get zero.
+    """
+    if strategy.mode == "implicit":
+      if "log_lr" in self.kinds:
+        raise ValueError(
+            "Strategy 'implicit' cannot learn learning rates: they enter only "
+            "the inner optimiser Phi (the path to theta_T), not the stationary "
+            "point of L that implicit differentiation differentiates, so their "
+            "implicit meta-gradient is zero. Use an exact strategy (mixflow) "
+            "or first_order.")
+      if self.learn_init and not self.proximal:
+        raise ValueError(
+            "Strategy 'implicit' with a learned initialisation needs "
+            "MetaParams(proximal=lam > 0): without the proximal term the "
+            "stationary point of L does not depend on theta0, so its implicit "
+            "meta-gradient is zero.")
+    if strategy.mode == "first_order" and self.loss_weights is not None:
+      raise ValueError(
+          "Strategy 'first_order' cannot learn loss weights: they reach V only "
+          "through the inner gradients g_t, which first_order treats as "
+          "constants, so their first-order meta-gradient is zero. Use an "
+          "exact strategy (mixflow) or implicit.")
 
   def view(self, eta: dict) -> "Meta":
     """The `Meta` that the task's losses receive."""

@@ -1,4 +1,4 @@
-"""The inner gradient and its two differentiation rules (standard and MixFlow-MG).
+"""The inner gradient and its differentiation rules (standard, MixFlow-MG, first-order).
 
 One inner step needs the inner loss and its gradient,
 
@@ -7,11 +7,14 @@ One inner step needs the inner loss and its gradient,
 and the meta-gradient back-propagates through ``g_t``. `inner_value_and_grad`
 returns the function that computes ``(L_t, g_t)``; only the way the outer
 reverse pass differentiates it depends on the strategy's mode.
+`gradient_jvp` is the forward-over-reverse Hessian-vector product that
+MixFlow-MG's rule and the implicit strategy's solver (`metaflow.implicit`)
+are built on.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import jax
 
@@ -27,6 +30,44 @@ def standard_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   intermediate of the inner backward pass becomes a residual of the outer one.
   """
   return jax.value_and_grad(inner_loss, argnums=0)
+
+
+def gradient_jvp(inner_loss: Loss, argnums: Union[int, tuple[int, ...]]
+                 ) -> Callable[[PyTree, PyTree, PyTree, PyTree],
+                               tuple[PyTree, PyTree]]:
+  """``(theta, eta, x, v) -> (grad, d grad / d theta . v)``, forward-over-reverse.
+
+  ``grad`` is ``jax.grad(inner_loss, argnums)`` (theta is argument 0, eta 1)
+  at ``(theta, eta, x)``; the tangent is its directional derivative along
+  ``v`` (shaped like theta): ``H_tt v`` for argnums 0, ``H_et v`` for 1, both
+  for ``(0, 1)``. One ``jax.jvp`` of the reverse-mode gradient: it keeps no
+  more than one gradient evaluation's working set.
+  """
+  grad = jax.grad(inner_loss, argnums=argnums)
+
+  def fn(theta, eta, batch, v):
+    return jax.jvp(lambda th: grad(th, eta, batch), (theta,), (v,))
+
+  return fn
+
+
+def first_order_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
+  """``(theta, eta, x) -> (L, grad_theta L)`` with the gradient a constant.
+
+  Both outputs are wrapped in ``jax.lax.stop_gradient``: the outer reverse
+  pass treats ``g_t`` as data, so nothing of the inner backward pass is kept
+  and the meta-gradient keeps only the paths that do not go through ``g_t``:
+  theta0 -> theta_t (first-order MAML) and eta -> Phi (the first-order
+  hypergradient of learned learning rates, ``-g_t`` per unit of rate for
+  SGD). Meta-parameters that reach V only through ``g_t`` (loss weights)
+  get zero.
+  """
+  value_and_grad = jax.value_and_grad(inner_loss, argnums=0)
+
+  def fn(theta, eta, batch):
+    return jax.lax.stop_gradient(value_and_grad(theta, eta, batch))
+
+  return fn
 
 
 def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
@@ -60,7 +101,7 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   axis gets its cotangent summed over that axis (`_typed_like`), as JAX's own
   rules do for a replicated input (the transpose of its implicit broadcast).
   """
-  joint_grad = jax.grad(inner_loss, argnums=(0, 1))
+  joint_grad_jvp = gradient_jvp(inner_loss, argnums=(0, 1))
 
   @jax.custom_vjp
   def value_and_grad(theta, eta, batch):
@@ -72,8 +113,7 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   def bwd(residuals, cotangents):
     theta, eta, batch = residuals
     c, v = cotangents
-    (g_theta, g_eta), (h_tt_v, h_et_v) = jax.jvp(
-        lambda th: joint_grad(th, eta, batch), (theta,), (v,))
+    (g_theta, g_eta), (h_tt_v, h_et_v) = joint_grad_jvp(theta, eta, batch, v)
     theta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
                              h_tt_v, g_theta, theta)
     eta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
@@ -104,9 +144,16 @@ def _typed_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
 
 
 def inner_value_and_grad(inner_loss: Loss, mode: str) -> ValueAndGrad:
-  """The ``(theta, eta, x) -> (L, g)`` function for a strategy mode."""
-  if mode == "standard":
+  """The ``(theta, eta, x) -> (L, g)`` function for a strategy mode.
+
+  ``"implicit"`` gets the plain gradient: its inner loop runs inside a custom
+  VJP (`metaflow.implicit`) and is never differentiated itself.
+  """
+  if mode in ("standard", "implicit"):
     return standard_value_and_grad(inner_loss)
   if mode == "mixflow":
     return mixflow_value_and_grad(inner_loss)
-  raise ValueError(f"Unknown mode {mode!r}; expected 'standard' or 'mixflow'.")
+  if mode == "first_order":
+    return first_order_value_and_grad(inner_loss)
+  raise ValueError(f"Unknown mode {mode!r}; expected one of 'standard', "
+                   "'mixflow', 'implicit', 'first_order'.")

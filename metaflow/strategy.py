@@ -1,15 +1,33 @@
 """Gradient strategies: how the meta-gradient is differentiated through the inner loop.
 
-A `Strategy` names three independent choices:
+A `Strategy` is one switch over the meta-gradient estimators:
 
-* ``mode``: how the inner gradient ``g_t = grad_theta L(theta_t, eta, x_t)`` is
-  differentiated by the outer reverse pass.
+* ``mode``: the estimator.
+
+  Exact (the gradient of T unrolled inner steps, truncated BPTT); they differ
+  in how the inner gradient ``g_t = grad_theta L(theta_t, eta, x_t)`` is
+  differentiated by the outer reverse pass:
 
   - ``"standard"``: plain ``jax.grad`` inside the loop. The meta-gradient is
     reverse-over-reverse and keeps every inner step's backward intermediates.
   - ``"mixflow"``: MixFlow-MG (Kemaev et al., 2025). ``g_t`` has a custom VJP
     whose backward rule is one forward-over-reverse JVP; only the step's inputs
     are kept (see `metaflow.mixflow`).
+
+  Approximate (cheaper; see `metaflow.estimators` for what each assumes):
+
+  - ``"implicit"``: implicit differentiation at theta_T (iMAML, Rajeswaran et
+    al., 2019): the loop runs forward only and the meta-gradient comes from
+    conjugate gradient on ``(H + cg_damping I) u = grad_theta V`` with at most
+    ``cg_steps`` Hessian-vector products. Memory does not grow with T. Exact
+    when theta_T is a stationary point of L; blind to eta's effect on the path
+    (learned learning rates) and to theta0 (needs `MetaParams.proximal`).
+  - ``"first_order"``: ``g_t`` is a constant of eta and theta (stop-gradient):
+    first-order MAML for a learned initialisation, the first-order
+    hypergradient for learned learning rates; zero for eta that reach V only
+    through ``g_t`` (loss weights).
+
+The exact modes take two memory options (the approximate ones take neither):
 
 * ``remat``: wrap each inner step in ``jax.checkpoint`` so its intermediates are
   recomputed in the backward pass instead of stored.
@@ -31,8 +49,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Union
 
-Mode = Literal["standard", "mixflow"]
-MODES: tuple[str, ...] = ("standard", "mixflow")
+Mode = Literal["standard", "mixflow", "implicit", "first_order"]
+#: Modes that compute the exact meta-gradient of the T unrolled steps.
+EXACT_MODES: tuple[str, ...] = ("standard", "mixflow")
+#: Modes that approximate it (and take no memory options).
+APPROXIMATE_MODES: tuple[str, ...] = ("implicit", "first_order")
+MODES: tuple[str, ...] = EXACT_MODES + APPROXIMATE_MODES
 
 _REMAT = "remat"
 _SAVED = "saved_inner_grads"
@@ -46,16 +68,23 @@ class Strategy:
   """How to differentiate through the unrolled inner loop.
 
   Attributes:
-    mode: ``"standard"`` (reverse-over-reverse) or ``"mixflow"``
-      (forward-over-reverse custom VJP of the inner gradient).
-    remat: rematerialise each inner step in the backward pass.
+    mode: ``"standard"`` (reverse-over-reverse), ``"mixflow"``
+      (forward-over-reverse custom VJP of the inner gradient), ``"implicit"``
+      or ``"first_order"`` (approximations, see the module docstring).
+    remat: rematerialise each inner step in the backward pass (exact modes).
     save_inner_grads: with ``remat``, store each inner gradient g_t (named
       ``INNER_GRAD_NAME``) instead of recomputing it. Requires ``remat``.
+    cg_steps: ``implicit`` only: the most Hessian-vector products (conjugate
+      gradient iterations) spent on the linear solve.
+    cg_damping: ``implicit`` only: lambda_d >= 0 in ``(H + lambda_d I) u = v``
+      (regularises an ill-conditioned or indefinite H; biases the gradient).
   """
 
   mode: Mode = "mixflow"
   remat: bool = False
   save_inner_grads: bool = False
+  cg_steps: int = 20
+  cg_damping: float = 0.0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -71,10 +100,38 @@ class Strategy:
           "Strategy(save_inner_grads=True) requires remat=True: without remat "
           "every residual, g_t included, is already stored. Valid strategy "
           f"strings: {', '.join(valid_strategy_names())}.")
+    if self.mode in APPROXIMATE_MODES and self.remat:
+      raise ValueError(
+          f"Strategy(mode={self.mode!r}) composes with nothing: remat and "
+          "saved_inner_grads apply to the exact (unrolled) modes only. Valid "
+          f"strategy strings: {', '.join(valid_strategy_names())}.")
+    steps = self.cg_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ValueError(f"Strategy.cg_steps must be an int >= 1, got {steps!r}.")
+    damping = self.cg_damping
+    if (isinstance(damping, bool) or not isinstance(damping, (int, float))
+        or not damping >= 0):
+      raise ValueError(
+          f"Strategy.cg_damping must be a float >= 0, got {damping!r}.")
+    object.__setattr__(self, "cg_damping", float(damping))
+    default = Strategy.__dataclass_fields__
+    if self.mode != "implicit" and (
+        steps != default["cg_steps"].default
+        or damping != default["cg_damping"].default):
+      raise ValueError(
+          f"Strategy.cg_steps and cg_damping apply to mode 'implicit' only, "
+          f"not {self.mode!r}.")
+
+  @property
+  def exact(self) -> bool:
+    """Whether this strategy computes the exact meta-gradient of the T
+    unrolled steps (up to rounding)."""
+    return self.mode in EXACT_MODES
 
   @property
   def name(self) -> str:
-    """The canonical string form, e.g. ``"mixflow+remat"``."""
+    """The canonical string form, e.g. ``"mixflow+remat"`` (``"implicit"``
+    whatever its CG settings, which `repr` shows)."""
     parts = [self.mode]
     if self.remat:
       parts.append(_REMAT)
@@ -105,6 +162,11 @@ class Strategy:
         or not set(options) <= {_REMAT, _SAVED}):
       raise ValueError(
           f"Unknown strategy {spec!r}. Valid strategies: {', '.join(valid)}.")
+    if mode in APPROXIMATE_MODES and options:
+      raise ValueError(
+          f"Strategy {spec!r}: {mode!r} composes with nothing (remat and "
+          "saved_inner_grads apply to the exact modes only). Valid "
+          f"strategies: {', '.join(valid)}.")
     if _SAVED in options and _REMAT not in options:
       raise ValueError(
           f"Contradictory strategy {spec!r}: '{_SAVED}' needs '{_REMAT}'. "
@@ -113,14 +175,26 @@ class Strategy:
                save_inner_grads=_SAVED in options)
 
 
-def valid_strategy_names() -> tuple[str, ...]:
-  """All canonical strategy strings, e.g. for a command-line ``choices=``."""
+def exact_strategy_names() -> tuple[str, ...]:
+  """The canonical strings of the exact strategies (same meta-gradient)."""
   names = []
-  for mode in MODES:
+  for mode in EXACT_MODES:
     names += [mode, f"{mode}+{_REMAT}", f"{mode}+{_REMAT}+{_SAVED}"]
   return tuple(names)
 
 
+def valid_strategy_names() -> tuple[str, ...]:
+  """All canonical strategy strings, e.g. for a command-line ``choices=``:
+  the exact ones, then ``implicit`` and ``first_order``."""
+  return exact_strategy_names() + APPROXIMATE_MODES
+
+
+def exact_strategies() -> tuple[Strategy, ...]:
+  """Every exact Strategy, in the order of `exact_strategy_names`."""
+  return tuple(Strategy.parse(n) for n in exact_strategy_names())
+
+
 def all_strategies() -> tuple[Strategy, ...]:
-  """Every valid Strategy, in the order of `valid_strategy_names`."""
+  """Every valid Strategy (default settings), in the order of
+  `valid_strategy_names`."""
   return tuple(Strategy.parse(n) for n in valid_strategy_names())

@@ -253,7 +253,9 @@ class Functional:
     return nnx.merge(self.graphdef, theta, self.rest)
 
   def inner_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
-    return self.task.inner_loss(self.model(theta), self.spec.view(eta), batch)
+    """The task's L with the spec's regulariser (`MetaParams.regularised`)."""
+    loss = self.task.inner_loss(self.model(theta), self.spec.view(eta), batch)
+    return self.spec.regularised(loss, theta, eta)
 
   def outer_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
     return self.task.outer_loss(self.model(theta), self.spec.view(eta), batch)

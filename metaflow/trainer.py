@@ -55,7 +55,8 @@ from metaflow import metrics as metrics_lib
 from metaflow import sharding
 from metaflow.task import Functional, Task
 from metaflow.strategy import Strategy
-from metaflow.unroll import inner_loop, meta_value_and_grad_with_aux
+from metaflow.unroll import (check_num_steps, inner_loop,
+                             meta_value_and_grad_with_aux)
 
 PyTree = Any
 
@@ -146,6 +147,7 @@ class BilevelTrainer:
     self.task = task
     self.strategy = Strategy.parse(strategy)
     task.check_strategy(self.strategy)
+    task.meta_params().check_strategy(self.strategy)
     if (type(task).dataset is Task.dataset
         and type(task).episodes is Task.episodes):
       raise TypeError(
@@ -170,9 +172,12 @@ class BilevelTrainer:
     self.mesh = (sharding.make_mesh() if mesh is None
                  else sharding.check_mesh(mesh))
     self.spec = task.meta_params()
-    graphdef, theta_shapes, _ = Functional.split(
+    graphdef, theta_shapes, rest_shapes = Functional.split(
         task, nnx.eval_shape(lambda: task.make_model(nnx.Rngs(seed))))
+    self.num_inner_steps = check_num_steps(num_inner_steps)
     self._split_examples = task.example_axes is not None
+    self._layout_batches()
+    self._check_first_order_user(graphdef, theta_shapes, rest_shapes)
     theta_specs = (sharding.param_specs(theta_shapes, self.mesh,
                                         task.partition_rules())
                    if self._split_examples else
@@ -190,11 +195,10 @@ class BilevelTrainer:
         gathered=jax.tree.map(lambda _: self._replicated, theta_shapes))
     f = self.functional
     self.meta_gradient = meta_value_and_grad_with_aux(
-        f.inner_loss, f.outer_loss, f.optimizer, num_inner_steps, self.strategy)
-    self.num_inner_steps = self.meta_gradient.num_steps
+        f.inner_loss, f.outer_loss, f.optimizer, self.num_inner_steps,
+        self.strategy)
     self._adapt = inner_loop(f.inner_loss, f.optimizer, self.num_inner_steps,
                              "standard")
-    self._layout_batches()
     self.state_shardings = self._state_shardings()
     self._init = jax.jit(self._initial_state,
                          out_shardings=self.state_shardings)
@@ -261,6 +265,39 @@ class BilevelTrainer:
         lambda x, axis: NamedSharding(self.mesh,
                                       sharding.batch_spec(x.ndim, axis)),
         self._batch_shapes, axes)
+
+  def _check_first_order_user(self, graphdef: nnx.GraphDef, theta: PyTree,
+                              rest: PyTree) -> None:
+    """``first_order`` keeps only eta's paths that avoid g_t: user
+    meta-parameters that V does not read itself would get zero. Refused
+    before compiling: V is traced on shapes (``theta``, ``rest``) only."""
+    if self.strategy.mode != "first_order" or "user" not in self.spec.kinds:
+      return
+    eta = jax.eval_shape(
+        lambda theta: self.spec.init(jax.random.PRNGKey(0), theta,
+                                     self.num_inner_steps), theta)
+    episode = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                           self._batch_shapes)
+    outer = jax.eval_shape(
+        lambda e: self.task.split_episode(e, self.num_inner_steps)[1], episode)
+    others = {k: v for k, v in eta.items() if k != "user"}
+
+    def outer_loss(user, others, theta, rest, batch):
+      f = Functional(self.task, self.spec, graphdef, rest)
+      return f.outer_loss(theta, {**others, "user": user}, batch)
+
+    jaxpr = jax.make_jaxpr(outer_loss)(eta["user"], others, theta, rest,
+                                       outer).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    used |= {id(v) for v in jaxpr.outvars}
+    user_vars = jaxpr.invars[:len(jax.tree.leaves(eta["user"]))]
+    if not any(id(v) in used for v in user_vars):
+      raise ValueError(
+          "Strategy 'first_order' cannot learn these user meta-parameters: "
+          "the outer loss V does not read them, so they reach it only through "
+          "the inner gradients g_t, which first_order treats as constants "
+          "(their meta-gradient would be zero). Use an exact strategy "
+          "(mixflow) or implicit.")
 
   def _episodes(self, split: str) -> tuple[Any, tuple[tuple[int, int], ...]]:
     """This process's episodes of ``split`` and the meta-batch positions it
@@ -410,7 +447,11 @@ class BilevelTrainer:
     episodes_per_device = (self.meta_batch_size if self._split_examples else
                            self.meta_batch_size
                            // sharding.batch_size_divisor(self.mesh))
-    static = episodes_per_device * self.num_inner_steps * carry
+    if self.strategy.mode == "implicit":  # only theta_T is kept
+      carry = sharding.shard_bytes(theta0, self.theta_shardings)
+      static = episodes_per_device * carry
+    else:
+      static = episodes_per_device * self.num_inner_steps * carry
     return memory.analyze(self._value_and_grad, eta, batch, theta_init,
                           static_bytes=static)
 

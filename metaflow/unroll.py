@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
-from metaflow import mixflow
+from metaflow import implicit, mixflow
 from metaflow.strategy import INNER_GRAD_NAME, Strategy
 
 PyTree = Any
@@ -71,7 +71,8 @@ def _as_optimizer_fn(optimizer: OptimizerSpec
       f"eta -> optax.GradientTransformation, got {type(optimizer).__name__}.")
 
 
-def _check_num_steps(num_steps) -> int:
+def check_num_steps(num_steps) -> int:
+  """``num_steps`` (T) as an int; TypeError/ValueError unless an int >= 1."""
   if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
     raise TypeError(f"num_steps (T) must be an int, got {num_steps!r}.")
   num_steps = int(num_steps)
@@ -110,10 +111,11 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
 
   The returned function runs ``jax.lax.scan`` over the leading axis (length T)
   of ``inner_batches``, with carry ``(theta, s)``. It is differentiable with
-  respect to ``eta`` and ``theta0``; how is set by ``strategy``.
+  respect to ``eta`` and ``theta0``; how is set by ``strategy`` (for
+  ``implicit``, theta_T is differentiated implicitly, `metaflow.implicit`).
   """
   strategy = Strategy.parse(strategy)
-  num_steps = _check_num_steps(num_steps)
+  num_steps = check_num_steps(num_steps)
   optimizer_fn = _as_optimizer_fn(optimizer)
   value_and_grad = mixflow.inner_value_and_grad(inner_loss, strategy.mode)
 
@@ -144,6 +146,8 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
         step, (theta0, opt.init(theta0)), inner_batches, length=num_steps)
     return InnerLoopResult(theta_T, s_T, losses)
 
+  if strategy.mode == "implicit":
+    return implicit.at_solution(run, inner_loss, strategy)
   return run
 
 
@@ -174,7 +178,7 @@ class MetaGradient:
       raise TypeError("init_params must be None or a callable eta -> theta0, "
                       f"got {self.init_params!r}.")
     _as_optimizer_fn(self.optimizer)
-    object.__setattr__(self, "num_steps", _check_num_steps(self.num_steps))
+    object.__setattr__(self, "num_steps", check_num_steps(self.num_steps))
     object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
 
   def objective(self, eta: PyTree, theta0: PyTree, inner_batches: PyTree,
@@ -214,8 +218,14 @@ class MetaGradient:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
   def static_bytes(self, eta, theta0, inner_batches=None, outer_batch=None) -> int:
-    """The paper's static memory: T stored copies of ``(theta, s)``."""
+    """The paper's static memory: T stored copies of ``(theta, s)``; for
+    ``implicit``, which stores nothing of the loop, the one theta_T that
+    its backward pass starts from."""
     del inner_batches, outer_batch
+    if self.strategy.mode == "implicit":
+      theta = self.init_params(eta) if self.init_params is not None else theta0
+      shapes = jax.eval_shape(lambda t: t, theta)
+      return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
     return self.num_steps * self.carry_bytes(eta, theta0)
 
 

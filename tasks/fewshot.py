@@ -374,6 +374,8 @@ class FewShotClassification(Task):
     lr_granularity: ``"element"`` (Meta-SGD), ``"tensor"`` or ``"scalar"``.
     augment_train: add the rotations and mirror images of the meta-training
       classes to the meta-training pool as further classes.
+    proximal: lam >= 0: iMAML's ``lam/2 ||theta - theta0||^2`` added to the
+      inner loss (needed by strategy ``implicit``; 0: plain MAML).
 
   Raises:
     FileNotFoundError: ``data_path`` does not exist.
@@ -392,6 +394,7 @@ class FewShotClassification(Task):
   learn_lr: bool = False
   lr_granularity: str = "element"
   augment_train: bool = True
+  proximal: float = 0.0
 
   def __post_init__(self):
     for name, low in (("num_ways", 2), ("num_shots", 1), ("num_query", 1),
@@ -488,7 +491,8 @@ class FewShotClassification(Task):
   def meta_params(self) -> MetaParams:
     lr = (LearnedLearningRates(self.inner_lr, granularity=self.lr_granularity)
           if self.learn_lr else self.inner_lr)
-    return MetaParams(learn_init=True, learning_rate=lr)
+    return MetaParams(learn_init=True, learning_rate=lr,
+                      proximal=self.proximal)
 
   def dataset(self, split: str, seed: int) -> grain.MapDataset:
     return data.episodes(self.sampler(split), seed, split)

@@ -72,12 +72,15 @@ class SinusoidMAML(Task):
     widths: hidden layer widths of the MLP.
     inner_lr: the inner SGD learning rate (the initial one if learned).
     learn_lr: also learn per-parameter-element learning rates (Meta-SGD).
+    proximal: lam >= 0: iMAML's ``lam/2 ||theta - theta0||^2`` added to the
+      inner loss (needed by strategy ``implicit``; 0: plain MAML).
   """
   num_shots: int = 10
   num_query: int = 10
   widths: tuple[int, ...] = (40, 40)
   inner_lr: float = 0.01
   learn_lr: bool = False
+  proximal: float = 0.0
 
   def __post_init__(self):
     if self.num_shots < 1 or self.num_query < 1:
@@ -95,7 +98,8 @@ class SinusoidMAML(Task):
   def meta_params(self) -> MetaParams:
     lr = (LearnedLearningRates(self.inner_lr, granularity="element")
           if self.learn_lr else self.inner_lr)
-    return MetaParams(learn_init=True, learning_rate=lr)
+    return MetaParams(learn_init=True, learning_rate=lr,
+                      proximal=self.proximal)
 
   def dataset(self, split: str, seed: int) -> grain.MapDataset:
     return data.episodes(SinusoidSampler(self.num_shots, self.num_query), seed,

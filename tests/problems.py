@@ -73,8 +73,9 @@ def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0)
 
 def reference_meta_value_and_grad(inner_loss, outer_loss, optimizer, num_steps,
                                   init_params, eta, theta0, inner_batches,
-                                  outer_batch):
-  """A Python loop of jax.grad steps, differentiated by jax.grad."""
+                                  outer_batch, first_order=False):
+  """A Python loop of jax.grad steps, differentiated by jax.grad (with
+  ``first_order``, each inner gradient wrapped in jax.lax.stop_gradient)."""
   def objective(eta):
     theta = init_params(eta) if init_params is not None else theta0
     opt = optimizer(eta) if not isinstance(
@@ -83,6 +84,8 @@ def reference_meta_value_and_grad(inner_loss, outer_loss, optimizer, num_steps,
     for t in range(num_steps):
       batch = jax.tree.map(lambda x: x[t], inner_batches)
       g = jax.grad(inner_loss)(theta, eta, batch)
+      if first_order:
+        g = jax.lax.stop_gradient(g)
       updates, s = opt.update(g, s, theta)
       theta = optax.apply_updates(theta, updates)
     return outer_loss(theta, eta, outer_batch)

@@ -34,7 +34,7 @@ def _errors(kind, opt_name, num_steps, dtype):
   """Relative errors of (value, grads) of every strategy vs the reference."""
   (inner_loss, outer_loss, optimizer, init_params, eta, theta0, inner_batches,
    outer_batch) = P.make_problem(kind, opt_name, num_steps, dtype)
-  strategies = metaflow.all_strategies()
+  strategies = metaflow.exact_strategies()
 
   def everything(eta, theta0, inner_batches, outer_batch):
     ref = P.reference_meta_value_and_grad(
@@ -76,7 +76,7 @@ def test_all_strategies_match_reference(kind, opt_name, num_steps):
     assert max(errors32[name]) < F32_TOL, (name, errors32[name])
 
 
-@pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
+@pytest.mark.parametrize("strategy", metaflow.exact_strategy_names())
 def test_separately_compiled(strategy, x64):
   """Each strategy jitted on its own with default XLA options (float64)."""
   args = P.make_problem("loss_weights", "adam", 2, "float64")
@@ -189,7 +189,7 @@ def test_aux_variant_returns_inner_trace(x64):
   assert aux.inner_losses[-1] < aux.inner_losses[0]
 
 
-@pytest.mark.parametrize("strategy", metaflow.valid_strategy_names())
+@pytest.mark.parametrize("strategy", metaflow.exact_strategy_names())
 def test_inner_adam_is_finite_where_optax_default_is_not(strategy):
   """An inner gradient that is exactly zero (theta0 at the first target): the
   derivative of sqrt(nu) at nu = 0 is infinite unless Adam's eps_root > 0."""

@@ -171,10 +171,14 @@ class LearnedLearningRateLM(LanguageModelTask):
 @register("lm_maml")
 @dataclasses.dataclass(frozen=True)
 class MAMLLM(LanguageModelTask):
-  """MAML: the learned initialisation theta0 of the transformer."""
+  """MAML: the learned initialisation theta0 of the transformer; with
+  ``proximal`` > 0, iMAML's ``proximal/2 ||theta - theta0||^2`` in the
+  inner loss (needed by strategy ``implicit``)."""
+  proximal: float = 0.0
 
   def meta_params(self) -> MetaParams:
-    return MetaParams(learn_init=True, learning_rate=self.inner_lr)
+    return MetaParams(learn_init=True, learning_rate=self.inner_lr,
+                      proximal=self.proximal)
 
 
 class TokenRater(nnx.Module):
