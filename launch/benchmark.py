@@ -8,6 +8,10 @@ XLA's compiled temp memory (split into static and dynamic, see
 median wall-clock time of a meta-gradient step after warm-up, with the ratio of
 that time to standard's measured in the same run. Writes ``benchmark.json``
 and, when matplotlib is installed, ``benchmark.png`` to ``--out``.
+The approximate strategies (implicit, first_order) are costed on the same
+problem, whose learned learning rates implicit cannot see and whose loss
+weights first_order cannot: their rows are memory and time only (accuracy:
+``python -m launch.study_estimators``).
 """
 
 from __future__ import annotations

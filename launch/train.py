@@ -44,6 +44,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 #: Config keys that may change when a run is resumed: they change how long it
 #: runs, how often it reports, and how (on which devices) the same
 #: meta-gradient is computed, not the trajectory of the meta-parameters.
+#: (``strategy`` only among the exact strategies: the run config records the
+#: estimator, `estimator`, so a switch to or from implicit or first_order is
+#: refused.)
 #: (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
@@ -57,7 +60,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard "
                     "event files. Resumed if it holds checkpoints.")
 flags.DEFINE_string("strategy", None, "Gradient strategy (overrides "
                     "config.strategy): standard | mixflow, +remat, "
-                    "+remat+saved_inner_grads.")
+                    "+remat+saved_inner_grads; or implicit | first_order.")
 flags.DEFINE_integer("inner_steps", None, "T (overrides config.inner_steps).")
 flags.DEFINE_integer("meta_steps", None, "Total meta-steps (overrides "
                      "config.meta_steps).")
@@ -161,6 +164,30 @@ def _resolved_config():
   return config.lock()
 
 
+def strategy_of(config):
+  """``config.strategy`` with ``config.cg_steps`` and ``config.cg_damping``
+  (which apply to ``implicit`` only; non-default values with another
+  strategy are refused)."""
+  import dataclasses
+
+  from metaflow.strategy import Strategy
+  return dataclasses.replace(Strategy.parse(config.strategy),
+                             cg_steps=config.cg_steps,
+                             cg_damping=config.cg_damping)
+
+
+def estimator(strategy) -> str:
+  """What the meta-gradient is, for the checkpoint fingerprint: ``exact``
+  for every exact strategy (a resumed run may switch between them), else
+  the approximation and its settings."""
+  if strategy.exact:
+    return "exact"
+  if strategy.mode == "implicit":
+    return f"implicit(cg_steps={strategy.cg_steps}, " \
+        f"cg_damping={strategy.cg_damping})"
+  return strategy.mode
+
+
 def build(task_name: str, config):
   """The task and `BilevelTrainer` of a config; ValueError etc. on bad input."""
   from metaflow.task import create_task
@@ -171,7 +198,7 @@ def build(task_name: str, config):
   mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(task_name, **config.task.to_dict())
   return BilevelTrainer(
-      task, strategy=config.strategy, num_inner_steps=config.inner_steps,
+      task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
       meta_batch_size=config.meta_batch_size,
       outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
       seed=config.seed, eval_split=config.eval_split,
@@ -237,6 +264,7 @@ def main(argv: Sequence[str]) -> None:
     raise UsageError(str(e)) from None
   run_config = {k: v for k, v in config.to_dict().items()
                 if k not in RESUMABLE_KEYS}
+  run_config["estimator"] = estimator(trainer.strategy)
   logging.info("Task %s, strategy %s, T=%d, meta-batch %d, %d meta-steps, "
                "mesh %s.", task_name, trainer.strategy.name,
                trainer.num_inner_steps, trainer.meta_batch_size,

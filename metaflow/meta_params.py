@@ -295,7 +295,8 @@ class MetaParams:
       if self.learn_init and not self.proximal:
         raise ValueError(
             "Strategy 'implicit' with a learned initialisation needs "
-            "MetaParams(proximal=lam > 0): without the proximal term the "
+            "MetaParams(proximal=lam > 0) (the built-in tasks: "
+            "--config.task.proximal): without the proximal term the "
             "stationary point of L does not depend on theta0, so its implicit "
             "meta-gradient is zero.")
     if strategy.mode == "first_order" and self.loss_weights is not None:

@@ -55,9 +55,12 @@ class Task(abc.ABC):
 
   **Strategies.** Every meta-parameter kind of `MetaParams` (learned
   initialisation, learning rates, loss weights, user meta-parameters) works
-  with every gradient strategy (``standard``, ``mixflow``, ``+remat``,
+  with every exact gradient strategy (``standard``, ``mixflow``, ``+remat``,
   ``+remat+saved_inner_grads``): eta may enter theta0, Phi and L, and all of
-  them compute the same meta-gradient. A task whose losses cannot be handled
+  them compute the same meta-gradient. The approximate ones (``implicit``,
+  ``first_order``) see only some of these paths; `MetaParams.check_strategy`
+  (and, for user meta-parameters, the trainer) refuses what they would get
+  as zero. A task whose losses cannot be handled
   by some strategy lists the ones it supports in ``supported_strategies`` and
   says why in ``unsupported_reason``; `check_strategy` then rejects the others
   before anything is compiled. MixFlow-MG differentiates the inner gradient

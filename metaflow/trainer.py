@@ -439,18 +439,22 @@ class BilevelTrainer:
     inner_state = jax.eval_shape(
         lambda eta, theta: self.functional.optimizer(eta).init(theta),
         eta, theta0)
-    carry = sharding.shard_bytes(
-        (theta0, inner_state),
-        (self.theta_shardings, sharding.optimizer_state_shardings(
-            self.functional.optimizer(state.eta), inner_state,
-            self.theta_shardings, self.mesh)))
     episodes_per_device = (self.meta_batch_size if self._split_examples else
                            self.meta_batch_size
                            // sharding.batch_size_divisor(self.mesh))
     if self.strategy.mode == "implicit":  # only theta_T is kept
-      carry = sharding.shard_bytes(theta0, self.theta_shardings)
-      static = episodes_per_device * carry
+      static = episodes_per_device * sharding.shard_bytes(
+          theta0, self.theta_shardings)
     else:
+      # The optimiser's structure (which state entries are shaped like theta)
+      # needs a concrete eta (learned rates are read when it is built):
+      # zeros that numpy allocates lazily and that are never written.
+      zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.eta)
+      carry = sharding.shard_bytes(
+          (theta0, inner_state),
+          (self.theta_shardings, sharding.optimizer_state_shardings(
+              self.functional.optimizer(zeros), inner_state,
+              self.theta_shardings, self.mesh)))
       static = episodes_per_device * self.num_inner_steps * carry
     return memory.analyze(self._value_and_grad, eta, batch, theta_init,
                           static_bytes=static)

@@ -11,8 +11,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # The task's own settings (fields of its Task dataclass), set per task.
   config.task = ml_collections.ConfigDict()
-  # Gradient strategy: standard | mixflow, optionally +remat[+saved_inner_grads].
+  # Gradient strategy: standard | mixflow, optionally +remat[+saved_inner_grads]
+  # (exact); implicit | first_order (approximate; implicit with a learned
+  # initialisation needs --config.task.proximal > 0).
   config.strategy = "mixflow"
+  config.cg_steps = 20              # implicit only: most CG iterations (HVPs)
+  config.cg_damping = 0.0           # implicit only: (H + damping I) u = v
   config.inner_steps = 5            # T
   config.meta_steps = 1000          # total meta-steps (a resumed run continues)
   config.meta_batch_size = 4        # episodes per meta-step

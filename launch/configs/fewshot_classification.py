@@ -16,6 +16,7 @@ def get_config():
   config.task.inner_lr = 0.2
   config.task.learn_lr = False
   config.task.lr_granularity = "element"
+  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2 (implicit: > 0)
   config.task.augment_train = True    # rotated/mirrored classes for meta-training
   config.inner_steps = 5
   config.meta_batch_size = 4
