@@ -14,7 +14,8 @@ A `Strategy` is one switch over the meta-gradient estimators:
     whose backward rule is one forward-over-reverse JVP; only the step's inputs
     are kept (see `metaflow.mixflow`).
 
-  Approximate (cheaper; see `metaflow.estimators` for what each assumes):
+  Approximate (cheaper; `metaflow.implicit` and `metaflow.mixflow` say what
+  each assumes):
 
   - ``"implicit"``: implicit differentiation at theta_T (iMAML, Rajeswaran et
     al., 2019): the loop runs forward only and the meta-gradient comes from

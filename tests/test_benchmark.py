@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from launch import benchmark
+from launch import benchmark, study_estimators
 
 
 def test_small_benchmark(tmp_path, capsys):
@@ -13,7 +13,8 @@ def test_small_benchmark(tmp_path, capsys):
   assert benchmark.main(["--steps", "2", "--depths", "1,2", "--width", "16",
                          "--batch", "8", "--repeats", "2",
                          "--inner_optimizer", "adam",
-                         "--strategies", "mixflow,mixflow+remat",
+                         "--strategies",
+                         "mixflow,mixflow+remat,implicit,first_order",
                          "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "std/this" in printed and "mixflow+remat" in printed
@@ -21,8 +22,12 @@ def test_small_benchmark(tmp_path, capsys):
   rows = result["rows"]
   # standard is always measured: ratios are relative to it.
   assert {r["strategy"] for r in rows} == {"standard", "mixflow",
-                                           "mixflow+remat"}
-  assert len(rows) == 3 * 2
+                                           "mixflow+remat", "implicit",
+                                           "first_order"}
+  assert len(rows) == 5 * 2
+  # implicit stores theta_T only, not T copies of (theta, mu, nu).
+  static = {(r["strategy"], r["M"]): r["static_bytes"] for r in rows}
+  assert static["implicit", 1] < static["mixflow", 1]
   for r in rows:
     assert r["temp_bytes"] > 0 and r["step_s_median"] > 0
     assert r["compile_s"] > 0 and r["memory_ratio_vs_standard"] > 0
@@ -100,4 +105,36 @@ def test_lm_benchmark_bad_arguments(argv, message, capsys):
   from launch import benchmark_lm
   with pytest.raises(SystemExit):
     benchmark_lm.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_small_estimator_study(tmp_path, capsys):
+  out = tmp_path / "study"
+  assert study_estimators.main([
+      "--tasks", "sinusoid_maml", "--steps", "1,3", "--solve_steps", "20",
+      "--solve_cg_steps", "5", "--meta_steps", "2", "--budget_s", "0",
+      "--repeats", "1", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "cos exact" in printed and "after 2 steps" in printed
+  result = json.loads((out / "study_estimators.json").read_text())["rows"]
+  (table,) = result["accuracy"]
+  assert {(r["estimator"], r["T"]) for r in table["rows"]} == {
+      (e, t) for e in study_estimators.ESTIMATORS for t in (1, 3)}
+  for r in table["rows"]:
+    assert -1 <= r["vs_exact"]["cosine"] <= 1 + 1e-9 and r["temp_bytes"] > 0
+    if r["estimator"] == "mixflow":
+      assert r["vs_exact"]["rel_error"] == 0
+  assert [r["estimator"] for r in result["training"]] == list(
+      study_estimators.ESTIMATORS)
+  assert (out / "study_estimators.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "lm_maml"], "unknown task"),
+    (["--cg_steps", "0"], "--cg_steps must be >= 1"),
+    (["--steps", "0"], "positive integers"),
+])
+def test_study_bad_arguments(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    study_estimators.parse_args(argv)
   assert message in capsys.readouterr().err

@@ -394,19 +394,43 @@ def test_meta_params():
 
 
 # ---------------------------------------------------------- meta-training
+def _meta_train(task, strategy="mixflow", num_inner_steps=5):
+  """200 meta-steps (a shorter run than RECOMMENDED's 1000 at 1e-3, at a
+  higher rate); returns (accuracy before, after, the FitResult)."""
+  trainer = metaflow.BilevelTrainer(
+      task, strategy=strategy, num_inner_steps=num_inner_steps,
+      meta_batch_size=4, outer_optimizer=optax.adam(3e-3), seed=0,
+      eval_split="test", num_eval_tasks=100, mesh=ONE_DEVICE)
+  result = trainer.fit(200, log_every=100, console=False)
+  return (result.initial_eval["accuracy"], result.final_eval["accuracy"],
+          result)
+
+
 def test_meta_training_beats_random_init_on_unseen_classes():
   pytest.importorskip("sklearn")
-  task = FewShotClassification()  # 5-way 1-shot digits, defaults
-  # A shorter run than RECOMMENDED (1000 steps at 1e-3), at a higher rate.
-  trainer = metaflow.BilevelTrainer(
-      task, num_inner_steps=5, meta_batch_size=4,
-      outer_optimizer=optax.adam(3e-3), seed=0, eval_split="test",
-      num_eval_tasks=100, mesh=ONE_DEVICE)
-  result = trainer.fit(200, log_every=100, console=False)
-  before = result.initial_eval["accuracy"]
-  after = result.final_eval["accuracy"]
+  # 5-way 1-shot digits, defaults.
+  before, after, result = _meta_train(FewShotClassification())
   # Measured (seeds 0, 1, 2): 0.32, 0.33, 0.27 from the random init with the
   # same 5 SGD steps -> 0.59, 0.54, 0.54.
   assert after > before + 0.1, (before, after)
   assert after > 0.2 + 0.15, after
   assert result.final_eval["outer_loss"] < result.initial_eval["outer_loss"]
+
+
+# Where iMAML's assumption is closer to holding than at the defaults (5 SGD
+# steps at 0.2, after which the Hessian of L has ~120 negative eigenvalues
+# and ||grad L|| ~ 4): 16 steps at 0.05 with the proximal term lam = 2.
+ESTIMATOR_SETTINGS = {"proximal": 2.0, "inner_lr": 0.05}
+
+
+@pytest.mark.parametrize("strategy", [
+    "mixflow", metaflow.Strategy("implicit", cg_steps=5), "first_order"],
+    ids=str)
+def test_every_estimator_beats_its_random_init(strategy):
+  """5-way 1-shot digits, the same 200 meta-steps for each estimator.
+  Measured (100 test episodes), from 0.403 at the random init: mixflow
+  0.506, implicit 0.444 (seed 1: 0.426 -> 0.476), first_order 0.528."""
+  pytest.importorskip("sklearn")
+  before, after, _ = _meta_train(FewShotClassification(**ESTIMATOR_SETTINGS),
+                                 strategy, num_inner_steps=16)
+  assert after > before + 0.02, (before, after)

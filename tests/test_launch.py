@@ -187,3 +187,19 @@ def test_grain_worker_processes_from_command_line(tmp_path):
   refused = run_train(*args, f"--workdir={tmp_path / 'a'}", "--meta_steps=6")
   assert refused.returncode != 0
   assert "run.num_workers: 2 in the checkpoint, now 0" in refused.stderr
+
+
+def test_estimator_in_the_fingerprint():
+  """Exact strategies may be switched on resume; the approximations not."""
+  import ml_collections
+  config = ml_collections.ConfigDict({"strategy": "implicit", "cg_steps": 7,
+                                      "cg_damping": 0.5})
+  strategy = train.strategy_of(config)
+  assert (strategy.mode, strategy.cg_steps, strategy.cg_damping) == (
+      "implicit", 7, 0.5)
+  assert train.estimator(strategy) == "implicit(cg_steps=7, cg_damping=0.5)"
+  assert {train.estimator(s) for s in metaflow.exact_strategies()} == {"exact"}
+  assert train.estimator(metaflow.Strategy("first_order")) == "first_order"
+  config.strategy = "mixflow"
+  with pytest.raises(ValueError, match="apply to mode 'implicit' only"):
+    train.strategy_of(config)
