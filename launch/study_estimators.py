@@ -59,7 +59,7 @@ ESTIMATORS = ("mixflow", "implicit", "first_order")
 SETTINGS = {
     "sinusoid_maml": {
         "accuracy": {"widths": (20, 20), "inner_lr": 0.008, "proximal": 20.0},
-        "training": {"proximal": 1.0}, "train_steps": 5,
+        "training": {"proximal": 1.0}, "train_steps": 5, "train_cg_steps": 20,
         "meta_batch_size": 25, "outer_lr": 3e-3, "metric": "outer_loss"},
     # Training: 16 SGD steps at 0.05 (at the defaults, 5 steps at 0.2, the
     # Hessian at theta_T is far from positive definite and implicit's
@@ -67,6 +67,7 @@ SETTINGS = {
     "fewshot_classification": {
         "accuracy": {"proximal": 2.0},
         "training": {"proximal": 2.0, "inner_lr": 0.05}, "train_steps": 16,
+        "train_cg_steps": 5,  # as iMAML (Rajeswaran et al.) on Omniglot
         "meta_batch_size": 4, "outer_lr": 3e-3, "metric": "accuracy"},
 }
 
@@ -162,7 +163,8 @@ def accuracy_table(task_name: str, steps: Sequence[int], cg_steps: int,
           "solution": solution, "rows": rows}
 
 
-def train_table(task_name: str, cg_steps: int, train_steps: Optional[int],
+def train_table(task_name: str, cg_steps: Optional[int],
+                train_steps: Optional[int],
                 meta_steps: int, budget_s: float, num_eval_tasks: int = 100,
                 task_settings: Optional[dict] = None) -> list[dict]:
   """Parts 2 and 3 (float32): per estimator, held-out metrics after
@@ -171,6 +173,7 @@ def train_table(task_name: str, cg_steps: int, train_steps: Optional[int],
   on until both are reached)."""
   settings = SETTINGS[task_name]
   train_steps = train_steps or settings["train_steps"]
+  cg_steps = cg_steps or settings["train_cg_steps"]
   task = metaflow.create_task(
       task_name, **dict(settings["training"], **(task_settings or {})))
   rows = []
@@ -195,6 +198,7 @@ def train_table(task_name: str, cg_steps: int, train_steps: Optional[int],
     if at_steps is None:  # meta_steps reached exactly at the end
       at_steps = trainer.evaluate(state.eta)
     rows.append({"task": task_name, "estimator": name, "T": train_steps,
+                 "cg_steps": cg_steps if name == "implicit" else None,
                  "settings": dict(settings["training"],
                                   **(task_settings or {})),
                  "initial": initial, "after_meta_steps": at_steps,
@@ -224,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['vs_solution']['rel_error']:9.2e} "
             f"{r['inner_grad_norm']:8.1e} {r['temp_bytes'] / 2**20:9.2f} {r['step_s_median'] * 1e3:8.1f}",
             flush=True)
-    rows = train_table(name, args.cg_steps, args.train_steps,
+    rows = train_table(name, None, args.train_steps,
                        args.meta_steps, args.budget_s)
     result["training"] += rows
     metric = SETTINGS[name]["metric"]
@@ -287,7 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated: " + ", ".join(SETTINGS))
   p.add_argument("--steps", type=_int_list, default=[1, 5, 20, 100, 1000],
                  help="inner steps T of the accuracy study")
-  p.add_argument("--cg_steps", type=int, default=20, help="implicit's CG steps")
+  p.add_argument("--cg_steps", type=int, default=20,
+                 help="implicit's CG steps in the accuracy study (training: "
+                 "SETTINGS' train_cg_steps)")
   p.add_argument("--solve_steps", type=int, default=5000,
                  help="inner steps of the reference solution")
   p.add_argument("--solve_cg_steps", type=int, default=200,

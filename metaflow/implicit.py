@@ -18,7 +18,7 @@ cotangent ``v = grad_theta V(theta_T, eta, x_val)`` the meta-gradient is
 
 using ``H_te^T = H_et = d(grad_eta L)/dtheta`` (symmetry of second derivatives)
 and ``lambda_d = cg_damping`` (0: the exact formula). u is found by conjugate
-gradient (``jax.scipy.sparse.linalg.cg``, which needs H symmetric positive
+gradient (``jax.scipy.sparse.linalg.cg``, which assumes H symmetric positive
 definite) with at most ``cg_steps`` products ``H_tt w``; each, and the final
 ``H_et u``, is one forward-over-reverse JVP of the inner gradient
 (`metaflow.mixflow.gradient_jvp`, the primitive of MixFlow-MG's rule). For
@@ -38,7 +38,10 @@ their implicit gradient is zero, and `MetaParams.check_strategy` refuses
 them. The gradient is wrong when the inner problem is not solved (theta_T not
 stationary: too few inner steps, too small a learning rate) or the solve is
 not (too few ``cg_steps`` for H's condition number, or H not positive
-definite: a non-convex L far from a minimum).
+definite: a non-convex L far from a minimum; CG then still returns a
+finite direction, just not H^{-1} v). Because it is blind to the
+path, meta-training with it can also move eta to where the actual T-step
+loop diverges (``launch.study_estimators``: sinusoid_maml at T=5).
 
 **Which batch.** H is taken on the last inner batch ``x_{T-1}``: the
 inner problem itself when every inner step sees the same batch (MAML's

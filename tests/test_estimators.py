@@ -280,3 +280,4 @@ def test_proximal_validation():
   spec = MetaParams(learn_init=True, proximal=2.0)
   theta, eta = {"a": jnp.ones(3)}, {"init": {"a": jnp.zeros(3)}}
   assert float(spec.regularised(jnp.float32(1.0), theta, eta)) == 4.0
+
