@@ -250,18 +250,15 @@ def plot(result: dict, plt):
                            squeeze=False)
   for ax_row, table in zip(axes, tables):
     name = table["task"]
-    for est in ESTIMATORS:
+    for i, est in enumerate(ESTIMATORS):
       rows = [r for r in table["rows"] if r["estimator"] == est]
       ts = [r["T"] for r in rows]
+      style = dict(marker="o", color=f"C{i}", label=est)
       if est != "mixflow":
-        ax_row[0].plot(ts, [r["vs_exact"]["cosine"] for r in rows], "o-",
-                       label=est)
-      ax_row[1].plot(ts, [r["vs_solution"]["cosine"] for r in rows], "o-",
-                     label=est)
-      ax_row[2].plot(ts, [r["temp_bytes"] / 2**20 for r in rows], "o-",
-                     label=est)
-      ax_row[3].plot(ts, [r["step_s_median"] * 1e3 for r in rows], "o-",
-                     label=est)
+        ax_row[0].plot(ts, [r["vs_exact"]["cosine"] for r in rows], **style)
+      ax_row[1].plot(ts, [r["vs_solution"]["cosine"] for r in rows], **style)
+      ax_row[2].plot(ts, [r["temp_bytes"] / 2**20 for r in rows], **style)
+      ax_row[3].plot(ts, [r["step_s_median"] * 1e3 for r in rows], **style)
     ax_row[0].set(title=f"{name}: cosine vs exact unrolled", xscale="log")
     ax_row[1].set(title="cosine vs implicit at the solution", xscale="log")
     ax_row[2].set(title="compiled temp memory (MiB)", xscale="log",

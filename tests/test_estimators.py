@@ -162,7 +162,7 @@ def test_implicit_cg_damping_and_steps(x64):
 def test_implicit_sinusoid_with_proximal(x64):
   """sinusoid_maml with a strong proximal term: the inner loop converges,
   and implicit matches the dense solve and the exact unrolled gradient."""
-  lam, num_steps = 20.0, 300
+  lam, num_steps = 20.0, 150
   task = metaflow.create_task("sinusoid_maml", widths=(20, 20), proximal=lam,
                               inner_lr=0.008)
   kwargs = dict(num_inner_steps=num_steps, meta_batch_size=1,

@@ -259,7 +259,6 @@ def _lm_run(task, strategy, mesh, steps=2):
     ("lm_learned_lr", "mixflow", "fsdp=8"),        # theta0 drawn in the step
     ("lm_loss_weighting", "mixflow", "data=2 x fsdp=4"),  # eta enters L
     ("lm_loss_weighting", "implicit", "data=2 x fsdp=4"),  # CG on shards
-    ("lm_learned_lr", "first_order", "fsdp=8"),
 ])
 def test_language_models_on_meshes_are_exact(task, strategy, mesh,
                                              lm_reference):
