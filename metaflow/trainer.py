@@ -147,7 +147,8 @@ class BilevelTrainer:
     self.task = task
     self.strategy = Strategy.parse(strategy)
     task.check_strategy(self.strategy)
-    task.meta_params().check_strategy(self.strategy)
+    self.spec = task.meta_params()
+    self.spec.check_strategy(self.strategy)
     if (type(task).dataset is Task.dataset
         and type(task).episodes is Task.episodes):
       raise TypeError(
@@ -171,7 +172,6 @@ class BilevelTrainer:
 
     self.mesh = (sharding.make_mesh() if mesh is None
                  else sharding.check_mesh(mesh))
-    self.spec = task.meta_params()
     graphdef, theta_shapes, rest_shapes = Functional.split(
         task, nnx.eval_shape(lambda: task.make_model(nnx.Rngs(seed))))
     self.num_inner_steps = check_num_steps(num_inner_steps)

@@ -17,6 +17,7 @@ paper's reparameterisation), so compile time does not grow with T.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -69,6 +70,12 @@ def _as_optimizer_fn(optimizer: OptimizerSpec
   raise TypeError(
       "optimizer must be an optax.GradientTransformation or a callable "
       f"eta -> optax.GradientTransformation, got {type(optimizer).__name__}.")
+
+
+def _tree_bytes(tree: PyTree) -> int:
+  """Bytes of the arrays (or shapes) of ``tree``."""
+  return sum(math.prod(jnp.shape(x)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def check_num_steps(num_steps) -> int:
@@ -214,8 +221,7 @@ class MetaGradient:
       if self.init_params is not None:
         theta0 = self.init_params(eta)
       return theta0, _as_optimizer_fn(self.optimizer)(eta).init(theta0)
-    shapes = jax.eval_shape(carry, eta, theta0)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    return _tree_bytes(jax.eval_shape(carry, eta, theta0))
 
   def static_bytes(self, eta, theta0, inner_batches=None, outer_batch=None) -> int:
     """The paper's static memory: T stored copies of ``(theta, s)``; for
@@ -224,8 +230,7 @@ class MetaGradient:
     del inner_batches, outer_batch
     if self.strategy.mode == "implicit":
       theta = self.init_params(eta) if self.init_params is not None else theta0
-      shapes = jax.eval_shape(lambda t: t, theta)
-      return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+      return _tree_bytes(theta)
     return self.num_steps * self.carry_bytes(eta, theta0)
 
 
