@@ -50,7 +50,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 #: (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
-                  "strategy", "mesh")
+                  "strategy", "memory_budget", "mesh")
 
 #: Outer optimisers by name (``config.outer_optimizer``).
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -60,7 +60,9 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard "
                     "event files. Resumed if it holds checkpoints.")
 flags.DEFINE_string("strategy", None, "Gradient strategy (overrides "
                     "config.strategy): standard | mixflow, +remat, "
-                    "+remat+saved_inner_grads; or implicit | first_order.")
+                    "+remat+saved_inner_grads, +segments=K|auto, "
+                    "+microbatches=M; implicit | first_order; or auto (the "
+                    "fastest exact one within --config.memory_budget).")
 flags.DEFINE_integer("inner_steps", None, "T (overrides config.inner_steps).")
 flags.DEFINE_integer("meta_steps", None, "Total meta-steps (overrides "
                      "config.meta_steps).")
@@ -167,10 +169,15 @@ def _resolved_config():
 def strategy_of(config):
   """``config.strategy`` with ``config.cg_steps`` and ``config.cg_damping``
   (which apply to ``implicit`` only; non-default values with another
-  strategy are refused)."""
+  strategy are refused); ``"auto"`` as it is (the trainer resolves it)."""
   import dataclasses
 
   from metaflow.strategy import Strategy
+  if config.strategy.strip().lower() == "auto":
+    return "auto"
+  if config.memory_budget:
+    raise ValueError("memory_budget applies to --strategy auto only (got "
+                     f"strategy {config.strategy!r}).")
   return dataclasses.replace(Strategy.parse(config.strategy),
                              cg_steps=config.cg_steps,
                              cg_damping=config.cg_damping)
@@ -188,14 +195,18 @@ def estimator(strategy) -> str:
   return strategy.mode
 
 
-def build(task_name: str, config):
-  """The task and `BilevelTrainer` of a config; ValueError etc. on bad input."""
+def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
+  """The task and `BilevelTrainer` of a config; ValueError etc. on bad input.
+
+  ``mesh``: instead of the config's (``launch.plan`` plans on a part of the
+  devices); ``shapes_only``: a trainer for compiled memory only."""
   from metaflow.task import create_task
   from metaflow.trainer import BilevelTrainer
 
   from metaflow import sharding
 
-  mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+  if mesh is None:
+    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(task_name, **config.task.to_dict())
   return BilevelTrainer(
       task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
@@ -203,7 +214,8 @@ def build(task_name: str, config):
       outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
       seed=config.seed, eval_split=config.eval_split,
       num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers,
-      mesh=mesh)
+      mesh=mesh, memory_budget=config.memory_budget or None,
+      shapes_only=shapes_only)
 
 
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:

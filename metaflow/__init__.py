@@ -4,16 +4,20 @@ The core is MixFlow-MG (Kemaev et al., ICML 2025): the meta-gradient of
 truncated back-propagation through an unrolled inner loop, with the inner
 gradient differentiated forward-over-reverse instead of reverse-over-reverse.
 Behind the same `Strategy` switch: the implicit (iMAML) and first-order
-approximations (`metaflow.implicit`, `metaflow.mixflow`). Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
+approximations (`metaflow.implicit`, `metaflow.mixflow`), and two memory
+options that lower the floors MixFlow-MG leaves (`metaflow.segments`,
+`metaflow.microbatch`), chosen for a memory budget by ``strategy="auto"``
+(`metaflow.planner`). Around it: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
 meta-learned) and `BilevelTrainer` (outer loop, evaluation, Orbax checkpoints,
 Grain data, clu metrics, on a device mesh of every device of every process:
 `metaflow.sharding`).
 """
 
-from metaflow import (checkpoint, data, implicit, memory, metrics, optim,
-                      sharding)
+from metaflow import (checkpoint, data, implicit, memory, metrics, microbatch,
+                      optim, planner, segments, sharding)
 from metaflow.checkpoint import IncompatibleCheckpointError
 from metaflow.memory import MemoryReport
+from metaflow.planner import NothingFitsError
 from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
                                   MetaParams)
 from metaflow.implicit import implicit_meta_grad, implicit_solve
@@ -40,6 +44,7 @@ __all__ = [
     "MetaAux",
     "MetaGradient",
     "MetaParams",
+    "NothingFitsError",
     "Strategy",
     "Task",
     "TrainState",
@@ -60,10 +65,13 @@ __all__ = [
     "meta_value_and_grad",
     "meta_value_and_grad_with_aux",
     "metrics",
+    "microbatch",
     "mixflow_value_and_grad",
     "optim",
+    "planner",
     "register",
     "registered_tasks",
+    "segments",
     "sharding",
     "valid_strategy_names",
 ]

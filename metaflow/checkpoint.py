@@ -7,7 +7,9 @@ items written atomically together by an ``orbax.checkpoint.CheckpointManager``:
   state, step, RNG key), global (possibly sharded) arrays;
 * ``data``: the Grain iterator state (the index of the next meta-batch), as
   JSON;
-* ``config``: the JSON fingerprint of everything that determines the run.
+* ``config``: the JSON fingerprint of everything that determines the run;
+* ``info``: what the run used that a resumed run may change (the exact
+  strategy, e.g. the one ``strategy="auto"`` chose), JSON, not compared.
 
 Resuming restores all three, so continuing from a checkpoint is bit-identical
 to a run that never stopped. A checkpoint whose fingerprint differs from the
@@ -91,13 +93,16 @@ class Checkpointer:
     workdir: the run directory (created if missing).
     config: the run's fingerprint (JSON-serialisable nested dict).
     max_to_keep: number of most recent checkpoints kept.
+    info: JSON-serialisable facts saved with each checkpoint and not
+      compared on restore (`info`).
   """
 
   def __init__(self, workdir: str | os.PathLike, config: Mapping[str, Any],
-               max_to_keep: int = 3):
+               max_to_keep: int = 3, info: Optional[Mapping[str, Any]] = None):
     self.directory = os.path.join(os.path.abspath(check_workdir(workdir)),
                                   "checkpoints")
     self.config = _normalise(config)
+    self._info = _normalise(info or {})
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -119,7 +124,8 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_iterator.get_state()),
-        config=ocp.args.JsonSave(self.config)))
+        config=ocp.args.JsonSave(self.config),
+        info=ocp.args.JsonSave(self._info)))
     self._manager.wait_until_finished()
 
   def restore(self, state: PyTree, data_iterator: grain.DatasetIterator
@@ -147,6 +153,18 @@ class Checkpointer:
         data=ocp.args.JsonRestore()))
     data_iterator.set_state(restored["data"])
     return restored["state"]
+
+  def info(self, step: Optional[int] = None) -> dict:
+    """The ``info`` saved with checkpoint ``step`` (default: the latest);
+    {} for a checkpoint written without one."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return {}
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          info=ocp.args.JsonRestore()))["info"]
+    except (KeyError, FileNotFoundError, ValueError):
+      return {}
 
   def close(self) -> None:
     self._manager.close()

@@ -35,7 +35,19 @@ The exact modes take two memory options (the approximate ones take neither):
 * ``save_inner_grads``: under ``remat``, keep ``g_t`` as a named residual so the
   backward pass does not recompute the inner gradient (needs ``remat``).
 
-Strings compose the same choices with ``+``: ``"mixflow+remat+saved_inner_grads"``.
+and two that lower the floors MixFlow-MG leaves (`metaflow.segments`,
+`metaflow.microbatch` teach them):
+
+* ``segment_length`` (K, or ``"auto"`` for round(sqrt T)): store the carry
+  ``(theta, s)`` only every K steps and recompute each segment in the backward
+  pass: static memory ceil(T/K) + K carries instead of T, for one more forward
+  pass of the inner loop.
+* ``microbatches`` (M): evaluate L, g_t, MixFlow-MG's JVP and V in M chunks of
+  each batch's leading axis, accumulating: dynamic memory about 1/M, the same
+  arithmetic. Choosing it states that L and V are means over that axis.
+
+Strings compose the same choices with ``+``: ``"mixflow+remat+saved_inner_grads"``,
+``"mixflow+segments=auto+microbatches=4"``.
 
 With ``mixflow``, remat saves little (the step's residuals are already just its
 inputs and the optimiser update's) and costs a recomputation of g_t in the
@@ -48,7 +60,8 @@ start of the step), so ``mixflow+remat`` needs MORE memory than ``mixflow``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+import math
+from typing import Literal, Optional, Union
 
 Mode = Literal["standard", "mixflow", "implicit", "first_order"]
 #: Modes that compute the exact meta-gradient of the T unrolled steps.
@@ -59,6 +72,11 @@ MODES: tuple[str, ...] = EXACT_MODES + APPROXIMATE_MODES
 
 _REMAT = "remat"
 _SAVED = "saved_inner_grads"
+_SEGMENTS = "segments"
+_MICROBATCHES = "microbatches"
+#: The options an exact strategy string may add, for error messages.
+OPTIONS_HELP = ("each exact one optionally +segments=K (or +segments=auto) "
+                "and/or +microbatches=M")
 
 #: Name under which the inner gradient g_t is saved by ``save_inner_grads``.
 INNER_GRAD_NAME = "metaflow_inner_grad"
@@ -79,6 +97,10 @@ class Strategy:
       gradient iterations) spent on the linear solve.
     cg_damping: ``implicit`` only: lambda_d >= 0 in ``(H + lambda_d I) u = v``
       (regularises an ill-conditioned or indefinite H; biases the gradient).
+    segment_length: exact modes: None (store every carry), an int K >= 1, or
+      ``"auto"`` (K = round(sqrt T), `segment_length_for`).
+    microbatches: exact modes: M >= 1 chunks of every inner and outer batch's
+      leading axis (which M must divide).
   """
 
   mode: Mode = "mixflow"
@@ -86,6 +108,8 @@ class Strategy:
   save_inner_grads: bool = False
   cg_steps: int = 20
   cg_damping: float = 0.0
+  segment_length: Union[None, int, str] = None
+  microbatches: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -122,12 +146,46 @@ class Strategy:
       raise ValueError(
           f"Strategy.cg_steps and cg_damping apply to mode 'implicit' only, "
           f"not {self.mode!r}.")
+    k = self.segment_length
+    if k is not None and k != "auto" and (
+        isinstance(k, bool) or not isinstance(k, int) or k < 1):
+      raise ValueError("Strategy.segment_length must be None, an int >= 1 or "
+                       f"'auto', got {k!r}.")
+    m = self.microbatches
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+      raise ValueError(f"Strategy.microbatches must be an int >= 1, got {m!r}.")
+    if self.mode in APPROXIMATE_MODES and (k is not None or m != 1):
+      raise ValueError(
+          f"Strategy(mode={self.mode!r}) composes with nothing: segments and "
+          "microbatches apply to the exact (unrolled) modes only.")
 
   @property
   def exact(self) -> bool:
     """Whether this strategy computes the exact meta-gradient of the T
     unrolled steps (up to rounding)."""
     return self.mode in EXACT_MODES
+
+  def segment_length_for(self, num_steps: int) -> Optional[int]:
+    """K for a loop of T = ``num_steps`` steps: None (no segments), else
+    ``segment_length`` (``"auto"``: round(sqrt T), at least 1) capped at T."""
+    k = self.segment_length
+    if k is None:
+      return None
+    if k == "auto":
+      k = max(1, round(math.sqrt(num_steps)))
+    return min(k, num_steps)
+
+  def stored_carries(self, num_steps: int) -> int:
+    """How many inner carries ``(theta, s)`` the backward pass holds at its
+    peak: T unrolled; ceil(T/K) segment boundaries + the K of the segment
+    being recomputed with segments; 1 (theta_T) for ``implicit``; the T
+    that first_order's loop stores."""
+    if self.mode == "implicit":
+      return 1
+    k = self.segment_length_for(num_steps)
+    if k is None:
+      return num_steps
+    return -(-num_steps // k) + k
 
   @property
   def name(self) -> str:
@@ -138,6 +196,10 @@ class Strategy:
       parts.append(_REMAT)
     if self.save_inner_grads:
       parts.append(_SAVED)
+    if self.segment_length is not None:
+      parts.append(f"{_SEGMENTS}={self.segment_length}")
+    if self.microbatches != 1:
+      parts.append(f"{_MICROBATCHES}={self.microbatches}")
     return "+".join(parts)
 
   def __str__(self) -> str:
@@ -156,25 +218,48 @@ class Strategy:
     if not isinstance(spec, str):
       raise TypeError(
           f"strategy must be a metaflow.Strategy or a string, got {spec!r}.")
-    valid = valid_strategy_names()
+    valid = f"{', '.join(valid_strategy_names())} ({OPTIONS_HELP})"
     tokens = [t.strip() for t in spec.strip().lower().split("+")]
     mode, options = tokens[0], tokens[1:]
-    if (mode not in MODES or len(set(options)) != len(options)
-        or not set(options) <= {_REMAT, _SAVED}):
-      raise ValueError(
-          f"Unknown strategy {spec!r}. Valid strategies: {', '.join(valid)}.")
+    flags, values = [], {}
+    for option in options:
+      key, sep, value = option.partition("=")
+      if sep and key in (_SEGMENTS, _MICROBATCHES) and key not in values:
+        values[key] = value
+      elif not sep and option in (_REMAT, _SAVED) and option not in flags:
+        flags.append(option)
+      else:
+        raise ValueError(
+            f"Unknown strategy {spec!r}: bad or repeated option {option!r}. "
+            f"Valid strategies: {valid}.")
+    if mode not in MODES:
+      raise ValueError(f"Unknown strategy {spec!r}. Valid strategies: {valid}.")
     if mode in APPROXIMATE_MODES and options:
       raise ValueError(
-          f"Strategy {spec!r}: {mode!r} composes with nothing (remat and "
-          "saved_inner_grads apply to the exact modes only). Valid "
-          f"strategies: {', '.join(valid)}.")
-    if _SAVED in options and _REMAT not in options:
+          f"Strategy {spec!r}: {mode!r} composes with nothing (remat, "
+          "saved_inner_grads, segments and microbatches apply to the exact "
+          f"modes only). Valid strategies: {valid}.")
+    if _SAVED in flags and _REMAT not in flags:
       raise ValueError(
           f"Contradictory strategy {spec!r}: '{_SAVED}' needs '{_REMAT}'. "
-          f"Valid strategies: {', '.join(valid)}.")
-    return cls(mode=mode, remat=_REMAT in options,
-               save_inner_grads=_SAVED in options)
+          f"Valid strategies: {valid}.")
+    segment_length = values.get(_SEGMENTS)
+    if segment_length not in (None, "auto"):
+      segment_length = _positive_int(spec, _SEGMENTS, segment_length, valid)
+    microbatches = values.get(_MICROBATCHES)
+    microbatches = (1 if microbatches is None else
+                    _positive_int(spec, _MICROBATCHES, microbatches, valid))
+    return cls(mode=mode, remat=_REMAT in flags,
+               save_inner_grads=_SAVED in flags,
+               segment_length=segment_length, microbatches=microbatches)
 
+
+def _positive_int(spec: str, key: str, value: str, valid: str) -> int:
+  if not value.isdigit() or int(value) < 1:
+    what = "an int >= 1 or 'auto'" if key == _SEGMENTS else "an int >= 1"
+    raise ValueError(f"Strategy {spec!r}: {key}= must be {what}, got "
+                     f"{value!r}. Valid strategies: {valid}.")
+  return int(value)
 
 def exact_strategy_names() -> tuple[str, ...]:
   """The canonical strings of the exact strategies (same meta-gradient)."""
@@ -185,8 +270,9 @@ def exact_strategy_names() -> tuple[str, ...]:
 
 
 def valid_strategy_names() -> tuple[str, ...]:
-  """All canonical strategy strings, e.g. for a command-line ``choices=``:
-  the exact ones, then ``implicit`` and ``first_order``."""
+  """The canonical strategy strings without segments or microbatches (which
+  take a number: `OPTIONS_HELP`): the exact ones, then ``implicit`` and
+  ``first_order``."""
   return exact_strategy_names() + APPROXIMATE_MODES
 
 

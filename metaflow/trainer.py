@@ -33,6 +33,7 @@ and restored by all processes together.
 
 # No `from __future__ import annotations`: clu reads TrainMetrics annotations.
 
+import dataclasses
 import functools
 import math
 import os
@@ -52,7 +53,7 @@ from metaflow import checkpoint as checkpoint_lib
 from metaflow import data
 from metaflow import memory
 from metaflow import metrics as metrics_lib
-from metaflow import sharding
+from metaflow import planner, sharding
 from metaflow.task import Functional, Task
 from metaflow.strategy import Strategy
 from metaflow.unroll import (check_num_steps, inner_loop,
@@ -119,7 +120,10 @@ class BilevelTrainer:
   Args:
     task: the bilevel problem.
     strategy: a `Strategy` or its name, e.g. ``"mixflow"`` (default) or
-      ``"standard+remat"``.
+      ``"standard+remat"``; or ``"auto"``: the fastest exact strategy whose
+      compiled meta-step fits ``memory_budget`` (`metaflow.planner`; the
+      candidates are compiled shapes-only when the trainer is built, the
+      table is logged and kept in ``auto_table``).
     num_inner_steps: T, inner steps per episode (training and evaluation).
     meta_batch_size: B, episodes per meta-step (vmapped).
     outer_optimizer: optax transformation for eta (default Adam, 1e-3).
@@ -129,11 +133,17 @@ class BilevelTrainer:
     num_workers: Grain worker processes for training data (0: in process).
     mesh: the ``(data, fsdp)`` device mesh (`metaflow.sharding.make_mesh`);
       default: every device of every process on ``data``.
+    memory_budget: with ``strategy="auto"`` (only), the memory one device
+      may use for the meta-step: bytes or a string such as ``"16GiB"``.
+    shapes_only: build for `compiled_memory` only (planning): the model is
+      never initialised, so a preset far larger than this machine's memory
+      can be analysed; training methods refuse.
 
   Raises:
     ValueError/TypeError: bad settings, a strategy the task does not
       support, or a batch the mesh does not divide; all before anything is
-      compiled.
+      compiled. `metaflow.planner.NothingFitsError` (a ValueError): no
+      candidate of ``"auto"`` fits the budget.
   """
 
   def __init__(self, task: Task, *, strategy: Union[str, Strategy] = "mixflow",
@@ -141,11 +151,24 @@ class BilevelTrainer:
                outer_optimizer: Optional[optax.GradientTransformation] = None,
                seed: int = 0, eval_split: str = "validation",
                num_eval_tasks: int = 64, num_workers: int = 0,
-               mesh: Optional[jax.sharding.Mesh] = None):
+               mesh: Optional[jax.sharding.Mesh] = None,
+               memory_budget: Union[None, str, int] = None,
+               shapes_only: bool = False):
     if not isinstance(task, Task):
       raise TypeError(f"task must be a metaflow.Task, got {type(task).__name__}.")
     self.task = task
-    self.strategy = Strategy.parse(strategy)
+    auto = isinstance(strategy, str) and strategy.strip().lower() == "auto"
+    if auto and memory_budget is None:
+      raise ValueError("strategy='auto' needs a memory_budget (e.g. '16GiB'): "
+                       "the memory one device may use for the meta-step.")
+    if memory_budget is not None and not auto:
+      raise ValueError("memory_budget applies to strategy='auto' only (got "
+                       f"strategy={strategy!r}).")
+    budget = planner.parse_bytes(memory_budget) if auto else None
+    self.shapes_only = bool(shapes_only)
+    # "auto" is resolved below, once the meta-gradient can be compiled; every
+    # candidate is exact MixFlow-MG, checked here as plain "mixflow".
+    self.strategy = Strategy.parse("mixflow" if auto else strategy)
     task.check_strategy(self.strategy)
     self.spec = task.meta_params()
     self.spec.check_strategy(self.strategy)
@@ -187,9 +210,13 @@ class BilevelTrainer:
     # The model is initialised by a jitted function straight into its
     # shardings (no device ever holds a large model whole); the non-trained
     # rest is a constant of the inner loop.
-    self.theta_init, rest = jax.jit(
-        self._init_model, static_argnums=0,
-        out_shardings=(self.theta_shardings, self._replicated))(seed)
+    init = jax.jit(self._init_model, static_argnums=0,
+                   out_shardings=(self.theta_shardings, self._replicated))
+    if self.shapes_only:  # theta's initialisation is dead code, never run
+      rest = jax.jit(lambda seed: init(seed)[1], static_argnums=0)(seed)
+      self.theta_init = self._abstract(theta_shapes, self.theta_shardings)
+    else:
+      self.theta_init, rest = init(seed)
     self.functional = Functional(
         task, self.spec, graphdef, jax.tree.map(np.asarray, rest),
         gathered=jax.tree.map(lambda _: self._replicated, theta_shapes))
@@ -200,13 +227,13 @@ class BilevelTrainer:
     self._adapt = inner_loop(f.inner_loss, f.optimizer, self.num_inner_steps,
                              "standard")
     self.state_shardings = self._state_shardings()
+    #: With strategy="auto": the `planner.Candidate`s compiled, in order.
+    self.auto_table: Optional[list] = None
+    if auto:
+      self._choose_strategy(budget)
     self._init = jax.jit(self._initial_state,
                          out_shardings=self.state_shardings)
-    self._step = jax.jit(
-        self._meta_step, donate_argnums=0,
-        in_shardings=(self.state_shardings, self._batch_shardings,
-                      self.theta_shardings),
-        out_shardings=(self.state_shardings, self._replicated))
+    self._step = self._jit_step()
     self._jit_value_and_grad = jax.jit(
         self._value_and_grad,
         in_shardings=(self.state_shardings.eta, self._batch_shardings,
@@ -214,6 +241,90 @@ class BilevelTrainer:
     self._eval_cache = {}
 
   # ------------------------------------------------------------- sharding
+  def _jit_step(self):
+    """The meta-step, jitted with shardings (a fresh function each call, so
+    nothing traced for another strategy is reused)."""
+    return jax.jit(
+        lambda state, batch, theta_init: self._meta_step(state, batch,
+                                                         theta_init),
+        donate_argnums=0,
+        in_shardings=(self.state_shardings, self._batch_shardings,
+                      self.theta_shardings),
+        out_shardings=(self.state_shardings, self._replicated))
+
+  def _use_strategy(self, strategy: Strategy) -> None:
+    self.strategy = strategy
+    self.meta_gradient = dataclasses.replace(self.meta_gradient,
+                                             strategy=strategy)
+
+  def _batch_divisor(self) -> int:
+    """The gcd of the leading (example) axes of one episode's inner batches
+    (per step) and outer batch: what ``microbatches`` must divide."""
+    episode = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+        self._batch_shapes)
+    inner, outer = jax.eval_shape(
+        lambda e: self.task.split_episode(e, self.num_inner_steps), episode)
+    sizes = ([x.shape[1] for x in jax.tree.leaves(inner) if x.ndim > 1]
+             + [x.shape[0] for x in jax.tree.leaves(outer) if x.ndim > 0])
+    return math.gcd(*sizes) if sizes else 1
+
+  def strategy_candidates(self) -> tuple[list[Strategy], dict[str, str]]:
+    """``strategy="auto"``'s candidates for this trainer's T and batches
+    (`metaflow.planner.candidates`, fastest first) that the task accepts,
+    and ``{name: reason}`` of those it refuses."""
+    accepted, refused = [], {}
+    for s in planner.candidates(self.num_inner_steps, self._batch_divisor()):
+      try:
+        self.task.check_strategy(s)
+      except ValueError as e:
+        refused[s.name] = str(e)
+        continue
+      accepted.append(s)
+    return accepted, refused
+
+  def memory_with(self, strategy: Union[str, Strategy]) -> memory.MemoryReport:
+    """`compiled_memory` ``(whole_step=True)`` of the meta-step with another
+    exact ``strategy`` (shapes only; this trainer's own is kept)."""
+    strategy = Strategy.parse(strategy)
+    if not strategy.exact:
+      raise ValueError(f"memory_with compares exact strategies, got "
+                       f"{strategy.name!r}.")
+    own = self.strategy
+    try:
+      self._use_strategy(strategy)
+      return self.compiled_memory(whole_step=True)
+    finally:
+      self._use_strategy(own)
+
+  def _choose_strategy(self, budget: int) -> None:
+    """Resolves ``strategy="auto"`` (`metaflow.planner`): compiles the
+    candidates' meta-steps shapes-only, fastest first, keeps the first that
+    fits ``budget`` bytes per device, and logs the table."""
+    options, refused = self.strategy_candidates()
+    for name, reason in refused.items():
+      logging.info("strategy auto: %s skipped: %s", name, reason)
+    hint = (f"to fit, lower T (now {self.num_inner_steps}), the batch or "
+            "sequence length, or the model size, split theta over more fsdp "
+            "devices (--config.mesh.fsdp), or raise the budget")
+    try:
+      choice, self.auto_table = planner.choose(self.memory_with, options,
+                                               budget, hint)
+    except planner.NothingFitsError as e:
+      logging.info("strategy auto, candidates per device:\n%s",
+                   planner.table(e.rows, budget))
+      raise
+    self._use_strategy(choice)
+    logging.info("strategy auto, candidates per device:\n%s\nchosen: %s",
+                 planner.table(self.auto_table, budget), choice.name)
+
+  def _require_concrete(self, what: str) -> None:
+    if self.shapes_only:
+      raise RuntimeError(
+          f"BilevelTrainer.{what}: this trainer was built with "
+          "shapes_only=True (for compiled_memory and planning); build one "
+          "without it to train or evaluate.")
+
   def _init_model(self, seed_or_key) -> tuple[PyTree, PyTree]:
     """``(theta, rest)`` of a fresh model (pure dicts)."""
     _, theta, rest = Functional.split(
@@ -363,6 +474,7 @@ class BilevelTrainer:
   def init_state(self) -> TrainState:
     """The initial `TrainState` (deterministic given ``seed``), laid out in
     `state_shardings`."""
+    self._require_concrete("init_state")
     return self._init(self.theta_init)
 
   def fingerprint(self, run_config: Optional[Mapping[str, Any]] = None) -> dict:
@@ -409,6 +521,7 @@ class BilevelTrainer:
     yields): the mean outer loss after T inner steps over the B episodes,
     and its meta-gradient (with this trainer's strategy), from the model's
     initialisation unless theta0 is learned. Jitted; nothing is updated."""
+    self._require_concrete("meta_value_and_grad")
     (value, _), grads = self._jit_value_and_grad(
         self._place_eta(eta), self._global(batch), self.theta_init)
     return value, grads
@@ -422,14 +535,17 @@ class BilevelTrainer:
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
         tree, shardings)
 
-  def compiled_memory(self) -> memory.MemoryReport:
+  def compiled_memory(self, whole_step: bool = False) -> memory.MemoryReport:
     """XLA's compiled memory of one meta-gradient (a meta-batch of B
     episodes, this trainer's strategy and mesh), from shapes only: nothing
-    runs. Figures are per device.
+    runs. Figures are per device. ``whole_step``: of the jitted meta-step
+    that training runs instead (the meta-gradient, the outer update and the
+    donated `TrainState`: what ``strategy="auto"`` compares with the budget).
 
     Static memory is the device's share of the B x T stored copies of the
-    inner carry (theta, s): its episodes' carries (B / devices when whole
-    episodes are split), each of them the device's shard of (theta, s).
+    inner carry (theta, s) (B x `Strategy.stored_carries` with segments):
+    its episodes' carries (B / devices when whole episodes are split), each
+    of them the device's shard of (theta, s).
     """
     state = jax.eval_shape(self._initial_state, self.theta_init)
     eta = self._abstract(state.eta, self.state_shardings.eta)
@@ -455,9 +571,16 @@ class BilevelTrainer:
           (self.theta_shardings, sharding.optimizer_state_shardings(
               self.functional.optimizer(zeros), inner_state,
               self.theta_shardings, self.mesh)))
-      static = episodes_per_device * self.num_inner_steps * carry
-    return memory.analyze(self._value_and_grad, eta, batch, theta_init,
-                          static_bytes=static)
+      static = (episodes_per_device * carry
+                * self.strategy.stored_carries(self.num_inner_steps))
+    if whole_step:
+      compiled = self._jit_step().lower(
+          self._abstract(state, self.state_shardings), batch,
+          theta_init).compile()
+      return memory.report(compiled, static)
+    # A fresh function: nothing traced for another strategy is reused.
+    return memory.analyze(lambda *args: self._value_and_grad(*args), eta,
+                          batch, theta_init, static_bytes=static)
 
   def _meta_step(self, state: TrainState, batch: PyTree, theta_init: PyTree):
     rng, key = jax.random.split(state.rng)
@@ -482,6 +605,7 @@ class BilevelTrainer:
 
     ``state`` is donated (its buffers are reused); use the returned one.
     """
+    self._require_concrete("step")
     return self._step(state, self._global(batch), self.theta_init)
 
   # ------------------------------------------------------------- evaluation
@@ -529,6 +653,7 @@ class BilevelTrainer:
     """Mean metrics over held-out episodes after T inner steps from
     ``theta0(eta)``: ``outer_loss`` (V at theta_T), the outer loss before
     adaptation, and the task's `Task.eval_metrics`."""
+    self._require_concrete("evaluate")
     num_tasks = num_tasks or self.num_eval_tasks
     episodes = self.eval_episodes(split or self.eval_split, num_tasks)
     result = self._evaluate(self._place_eta(eta), self.theta_init, episodes,
@@ -591,12 +716,15 @@ class BilevelTrainer:
       workdir = checkpoint_lib.check_workdir(workdir)
       logdir = workdir
       checkpointer = checkpoint_lib.Checkpointer(
-          workdir, self.fingerprint(run_config))
+          workdir, self.fingerprint(run_config),
+          info={"strategy": self.strategy.name})
+      before = checkpointer.info().get("strategy")
       restored = checkpointer.restore(state, batches)
       if restored is not None:
         state = restored
-        logging.info("Resumed from %s at step %d.", checkpointer.directory,
-                     int(state.step))
+        logging.info("Resumed from %s at step %d (strategy %s, now %s).",
+                     checkpointer.directory, int(state.step), before,
+                     self.strategy.name)
     writer = metrics_lib.create_writer(logdir, console=console)
     progress = metrics_lib.report_progress(num_meta_steps, writer)
     history = []

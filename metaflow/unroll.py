@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
-from metaflow import implicit, mixflow
+from metaflow import implicit, microbatch, mixflow, segments
 from metaflow.strategy import INNER_GRAD_NAME, Strategy
 
 PyTree = Any
@@ -124,7 +124,13 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
   strategy = Strategy.parse(strategy)
   num_steps = check_num_steps(num_steps)
   optimizer_fn = _as_optimizer_fn(optimizer)
-  value_and_grad = mixflow.inner_value_and_grad(inner_loss, strategy.mode)
+  # Standard's plain gradient is rematerialised per chunk (its reverse pass
+  # would otherwise keep every chunk's intermediates); MixFlow-MG's rule
+  # keeps only its inputs.
+  value_and_grad = microbatch.mean_over_chunks(
+      mixflow.inner_value_and_grad(inner_loss, strategy.mode),
+      strategy.microbatches, "inner batch", remat=strategy.mode == "standard")
+  segment_length = strategy.segment_length_for(num_steps)
 
   def run(eta, theta0, inner_batches):
     _check_leading_axis(inner_batches, num_steps)
@@ -149,8 +155,13 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
       # prevent_cse=False is safe (and cheaper) inside a scan.
       step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
-    (theta_T, s_T), losses = jax.lax.scan(
-        step, (theta0, opt.init(theta0)), inner_batches, length=num_steps)
+    carry = (theta0, opt.init(theta0))
+    if segment_length is None:
+      (theta_T, s_T), losses = jax.lax.scan(step, carry, inner_batches,
+                                            length=num_steps)
+    else:
+      (theta_T, s_T), losses = segments.segmented_scan(
+          step, carry, inner_batches, num_steps, segment_length)
     return InnerLoopResult(theta_T, s_T, losses)
 
   if strategy.mode == "implicit":
@@ -205,7 +216,10 @@ class MetaGradient:
                         self.strategy)(eta, theta0, inner_batches)
     _check_scalar_loss("outer_loss", self.outer_loss, result.params, eta,
                        outer_batch)
-    value = self.outer_loss(result.params, eta, outer_batch)
+    # With microbatches, V's gradient is accumulated chunk by chunk too.
+    value = microbatch.mean_over_chunks(
+        self.outer_loss, self.strategy.microbatches, "outer batch",
+        remat=True)(result.params, eta, outer_batch)
     return value, MetaAux(outer_loss=value, inner_losses=result.inner_losses)
 
   def __call__(self, eta, theta0, inner_batches, outer_batch):
@@ -224,14 +238,16 @@ class MetaGradient:
     return _tree_bytes(jax.eval_shape(carry, eta, theta0))
 
   def static_bytes(self, eta, theta0, inner_batches=None, outer_batch=None) -> int:
-    """The paper's static memory: T stored copies of ``(theta, s)``; for
+    """The paper's static memory: the stored copies of ``(theta, s)``, T of
+    them (ceil(T/K) + K with segments of K, `Strategy.stored_carries`); for
     ``implicit``, which stores nothing of the loop, the one theta_T that
     its backward pass starts from."""
     del inner_batches, outer_batch
     if self.strategy.mode == "implicit":
       theta = self.init_params(eta) if self.init_params is not None else theta0
       return _tree_bytes(theta)
-    return self.num_steps * self.carry_bytes(eta, theta0)
+    return (self.strategy.stored_carries(self.num_steps)
+            * self.carry_bytes(eta, theta0))
 
 
 def meta_value_and_grad(

@@ -30,7 +30,9 @@ def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0)
   Returns (inner_loss, outer_loss, optimizer, init_params, eta, theta0,
   inner_batches, outer_batch). ``kind`` is ``"init"`` (MAML: eta is theta0),
   ``"lr"`` (per-element log learning rates inside the optimiser) or
-  ``"loss_weights"`` (per-example weights 2*sigmoid(eta) inside L).
+  ``"loss_weights"`` (per-example weights ``2 sigmoid(x_i . eta["w"] +
+  eta["b"])`` inside L: a rater of each example, so L stays a mean over
+  the batch of a per-example function, as micro-batching needs).
   """
   rng = np.random.default_rng(seed)
   arr = lambda *shape, scale=1.0: jnp.asarray(
@@ -60,9 +62,9 @@ def make_problem(kind: str, opt_name: str, num_steps: int, dtype, seed: int = 0)
     inner_loss = lambda theta, eta, batch: jnp.mean(sq_err(theta, batch))
     optimizer = lambda eta: optim.create(opt_name, jax.tree.map(jnp.exp, eta))
   elif kind == "loss_weights":
-    eta = {"logits": arr(BATCH)}
+    eta = {"w": arr(IN), "b": arr()}
     def inner_loss(theta, eta, batch):
-      weights = 2.0 * jax.nn.sigmoid(eta["logits"])
+      weights = 2.0 * jax.nn.sigmoid(batch["x"] @ eta["w"] + eta["b"])
       return jnp.mean(weights * sq_err(theta, batch))
     optimizer = optim.create(opt_name, base_lr)
   else:

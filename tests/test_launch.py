@@ -120,9 +120,9 @@ def _bad_npz(tmp_path):
                 f"--config.task.data_path={_text_file(d, 's.txt', b'abc')}"],
      "has 3 bytes, fewer than one sequence of seq_len + 1 = 129 bytes"),
     (lambda d: ["--task", "lm_learned_lr", f"--workdir={d}",
-                "--config.task.seq_len=1024"],
-     "error: seq_len 1024 is above the maximum length 512 of model preset "
-     "'tiny'"),
+                "--config.task.preset=nano", "--config.task.seq_len=1024"],
+     "error: seq_len 1024 is above the maximum length 128 of model preset "
+     "'nano'"),
     (lambda d: ["--task", "lm_loss_weighting", f"--workdir={d}",
                 "--config.task.strict_utf8=True",
                 "--config.task.data_path="
@@ -193,7 +193,7 @@ def test_estimator_in_the_fingerprint():
   """Exact strategies may be switched on resume; the approximations not."""
   import ml_collections
   config = ml_collections.ConfigDict({"strategy": "implicit", "cg_steps": 7,
-                                      "cg_damping": 0.5})
+                                      "cg_damping": 0.5, "memory_budget": ""})
   strategy = train.strategy_of(config)
   assert (strategy.mode, strategy.cg_steps, strategy.cg_damping) == (
       "implicit", 7, 0.5)
@@ -203,3 +203,28 @@ def test_estimator_in_the_fingerprint():
   config.strategy = "mixflow"
   with pytest.raises(ValueError, match="apply to mode 'implicit' only"):
     train.strategy_of(config)
+  config.cg_steps, config.cg_damping = 20, 0.0
+  config.memory_budget = "1GiB"
+  with pytest.raises(ValueError, match="applies to --strategy auto only"):
+    train.strategy_of(config)
+  config.strategy = "auto"
+  assert train.strategy_of(config) == "auto"
+
+
+def test_auto_strategy_from_the_command_line(tmp_path):
+  """--strategy auto: the candidate table is logged, the chosen strategy
+  runs and is named; too small a budget is one line."""
+  args = ["--task", "sinusoid_maml", *SMALL, *TINY_MODEL["sinusoid_maml"],
+          "--strategy=auto"]
+  done = run_train(*args, f"--workdir={tmp_path / 'a'}",
+                   "--config.memory_budget=1GiB")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "strategy auto, candidates per device:" in done.stderr
+  assert "chosen: mixflow" in done.stderr and "strategy mixflow," in done.stderr
+  refused = run_train(*args, f"--workdir={tmp_path / 'b'}",
+                      "--config.memory_budget=1KiB")
+  assert refused.returncode == 2
+  errors = [l for l in refused.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith(
+      "error: no exact strategy fits the memory budget of 1.00 KiB"), (
+          refused.stderr[-3000:])

@@ -79,3 +79,57 @@ def test_constructor_validation():
     Strategy("mixflow", remat="yes")
   with pytest.raises(TypeError, match="Strategy or a string"):
     Strategy.parse(3)
+
+
+@pytest.mark.parametrize("name,segment_length,microbatches", [
+    ("mixflow+segments=4", 4, 1),
+    ("standard+remat+segments=auto", "auto", 1),
+    ("mixflow+microbatches=8", None, 8),
+    ("mixflow+remat+saved_inner_grads+segments=auto+microbatches=2", "auto", 2),
+])
+def test_segments_and_microbatches_round_trip(name, segment_length,
+                                              microbatches):
+  s = Strategy.parse(name)
+  assert (s.segment_length, s.microbatches, s.exact) == (
+      segment_length, microbatches, True)
+  assert s.name == name and Strategy.parse(s.name) == s
+  # Either order of the options parses to the same strategy.
+  mode, *options = name.split("+")
+  assert Strategy.parse("+".join([mode] + options[::-1])) == s
+
+
+def test_stored_carries():
+  """ceil(T/K) boundaries + K recomputed; auto is K = round(sqrt T)."""
+  assert Strategy("mixflow").stored_carries(64) == 64
+  assert Strategy(segment_length="auto").segment_length_for(64) == 8
+  assert Strategy(segment_length="auto").stored_carries(64) == 16
+  assert Strategy(segment_length=3).stored_carries(7) == 3 + 3
+  assert Strategy(segment_length=16).stored_carries(7) == 1 + 7  # K capped at T
+  assert Strategy(segment_length="auto").segment_length_for(1) == 1
+  assert Strategy("implicit").stored_carries(64) == 1
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("mixflow+segments=0", "segments= must be an int >= 1 or 'auto'"),
+    ("mixflow+segments=", "segments= must be an int >= 1 or 'auto'"),
+    ("mixflow+microbatches=two", "microbatches= must be an int >= 1"),
+    ("mixflow+microbatches=2+microbatches=4", "bad or repeated option"),
+    ("mixflow+segments", "bad or repeated option 'segments'"),
+    ("implicit+segments=4", "composes with nothing"),
+    ("first_order+microbatches=2", "composes with nothing"),
+])
+def test_bad_segments_and_microbatches(bad, match):
+  with pytest.raises(ValueError, match=match) as e:
+    Strategy.parse(bad)
+  assert "+segments=K (or +segments=auto)" in str(e.value)
+
+
+def test_segments_and_microbatches_constructor_validation():
+  for bad in (0, -2, 2.5, True, "sqrt"):
+    with pytest.raises(ValueError, match="segment_length must be None"):
+      Strategy(segment_length=bad)
+  for bad in (0, 1.5, False):
+    with pytest.raises(ValueError, match="microbatches must be an int >= 1"):
+      Strategy(microbatches=bad)
+  with pytest.raises(ValueError, match="composes with nothing"):
+    Strategy("implicit", microbatches=2)

@@ -369,7 +369,8 @@ def _ladder_preset(d_model: int, kv_size: int, heads: int, layers: int
 
 PRESETS: dict[str, TransformerConfig] = {
     "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),
-    "tiny": TransformerConfig(width=64, depth=2, num_heads=4, max_length=512),
+    "tiny": TransformerConfig(width=64, depth=2, num_heads=4,
+                              max_length=_LADDER_MAX_LENGTH),
     **{f"chinchilla_{size}m": _ladder_preset(*shape)
        for size, shape in _CHINCHILLA_LADDER.items()},
 }

@@ -1,0 +1,104 @@
+"""strategy="auto": the fastest candidate within a memory budget, its
+meta-gradient equal to that strategy's, the one-line error when nothing fits,
+the choice recorded in the checkpoint; `metaflow.planner`'s parsing."""
+
+import jax
+import numpy as np
+import pytest
+
+import metaflow
+import tasks  # noqa: F401  (registers the built-in tasks)
+from metaflow import checkpoint, planner
+from tests import problems as P
+
+T = 16  # long enough for segments to be a candidate
+
+
+def _trainer(strategy, **kwargs):
+  return metaflow.BilevelTrainer(
+      metaflow.create_task("sinusoid_maml", num_shots=4),
+      strategy=strategy, num_inner_steps=T, meta_batch_size=2,
+      mesh=P.ONE_DEVICE, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def refusal():
+  """Every candidate's compiled meta-step (a budget nothing meets)."""
+  with pytest.raises(planner.NothingFitsError) as e:
+    _trainer("auto", memory_budget="1KiB")
+  return e.value
+
+
+@pytest.fixture(scope="module")
+def table(refusal):
+  return refusal.rows
+
+
+def test_table_lists_every_candidate(table):
+  divisor = _trainer("mixflow", shapes_only=True)._batch_divisor()
+  assert [r.strategy for r in table] == list(planner.candidates(T, divisor))
+  assert not any(r.fits for r in table)
+  segmented = [r for r in table if r.strategy.segment_length == "auto"]
+  assert segmented and all(
+      r.memory.static_bytes < table[0].memory.static_bytes for r in segmented)
+
+
+def test_picks_the_first_that_fits(table, tmp_path):
+  """A budget between two candidates' figures: the first candidate (in the
+  order of speed) at or below it is chosen, its meta-gradient is that
+  strategy's, and the checkpoint records it."""
+  totals = [r.memory.total_bytes for r in table]
+  pick = next(i for i in range(1, len(totals)) if totals[i] < min(totals[:i]))
+  auto = _trainer("auto", memory_budget=totals[pick])
+  assert auto.strategy == table[pick].strategy != metaflow.Strategy()
+  assert [r.strategy for r in auto.auto_table] == [
+      r.strategy for r in table[:pick + 1]]
+  assert [r.fits for r in auto.auto_table] == [False] * pick + [True]
+  explicit = _trainer(table[pick].strategy)
+  eta = explicit.init_state().eta
+  batch = next(explicit.train_batches())
+  value, grads = auto.meta_value_and_grad(eta, batch)
+  ref_value, ref_grads = explicit.meta_value_and_grad(eta, batch)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  assert P.tree_rel_error(grads, ref_grads) < 1e-5
+  auto.fit(1, tmp_path, log_every=1, console=False)
+  saved = checkpoint.Checkpointer(tmp_path, {}).info()
+  assert saved == {"strategy": table[pick].strategy.name}
+
+
+def test_nothing_fits_is_one_line(refusal, table):
+  smallest = min(table, key=lambda r: r.memory.total_bytes)
+  message = str(refusal)
+  assert "\n" not in message
+  assert message.startswith("no exact strategy fits the memory budget of "
+                            "1.00 KiB per device: the smallest of "
+                            f"{len(table)} candidates is "
+                            f"{smallest.strategy.name} at ")
+  assert "lower T (now 16)" in message and "--config.mesh.fsdp" in message
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"strategy": "auto"}, "strategy='auto' needs a memory_budget"),
+    ({"strategy": "mixflow", "memory_budget": "1GiB"},
+     "memory_budget applies to strategy='auto' only"),
+    ({"strategy": "auto", "memory_budget": "lots"},
+     "memory_budget 'lots' is not a size"),
+    ({"strategy": "auto", "memory_budget": 0}, "must be > 0 bytes"),
+])
+def test_bad_settings(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _trainer(**kwargs)
+
+
+def test_parse_bytes():
+  assert planner.parse_bytes("16GiB") == 16 * 2**30
+  assert planner.parse_bytes("80GB") == 80 * 10**9
+  assert planner.parse_bytes(" 1.5 mib ") == int(1.5 * 2**20)
+  assert planner.parse_bytes(4096) == 4096
+
+
+def test_shapes_only_trainer_refuses_to_train():
+  trainer = _trainer("mixflow", shapes_only=True)
+  assert trainer.compiled_memory(whole_step=True).total_bytes > 0
+  with pytest.raises(RuntimeError, match="shapes_only=True"):
+    trainer.init_state()
