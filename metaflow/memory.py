@@ -6,7 +6,8 @@ repeatable: it reports the buffer assignment XLA made, not a sample of a run.
 
 * static memory: the T copies of the inner-loop carry ``(theta, s)`` that the
   scan keeps for the backward pass (MixFlow-MG does not change it; sharding
-  does), and
+  does; segments of K steps keep ceil(T/K) + K, `Strategy.stored_carries`),
+  and
 * dynamic memory: everything else, i.e. the working set of the inner and outer
   gradient computations, which is what MixFlow-MG reduces.
 """
@@ -40,7 +41,7 @@ class MemoryReport:
       the outputs that reuses input buffers.
     generated_code_bytes: size of the compiled code.
     peak_bytes: XLA's peak-memory estimate (0 where the backend gives none).
-    static_bytes: T copies of ``(theta, s)`` when known, else None.
+    static_bytes: the stored copies of ``(theta, s)`` when known, else None.
   """
 
   temp_bytes: int
