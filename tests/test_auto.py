@@ -21,32 +21,34 @@ def _trainer(strategy, **kwargs):
       mesh=P.ONE_DEVICE, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def refusal():
-  """Every candidate's compiled meta-step (a budget nothing meets)."""
+def test_auto(tmp_path):
+  """One test (the candidates' compiles are shared; split, each pytest-xdist
+  worker would compile them again):
+
+  * a budget nothing meets: every candidate is compiled and listed, the
+    error is one line naming the smallest figure;
+  * a budget between two candidates' figures: the first candidate (in the
+    order of speed) at or below it is chosen, its meta-gradient is that
+    strategy's, and the checkpoint records it.
+  """
   with pytest.raises(planner.NothingFitsError) as e:
     _trainer("auto", memory_budget="1KiB")
-  return e.value
-
-
-@pytest.fixture(scope="module")
-def table(refusal):
-  return refusal.rows
-
-
-def test_table_lists_every_candidate(table):
+  table = e.value.rows
   divisor = _trainer("mixflow", shapes_only=True)._batch_divisor()
   assert [r.strategy for r in table] == list(planner.candidates(T, divisor))
   assert not any(r.fits for r in table)
   segmented = [r for r in table if r.strategy.segment_length == "auto"]
   assert segmented and all(
       r.memory.static_bytes < table[0].memory.static_bytes for r in segmented)
+  smallest = min(table, key=lambda r: r.memory.total_bytes)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("no exact strategy fits the memory budget of "
+                            "1.00 KiB per device: the smallest of "
+                            f"{len(table)} candidates is "
+                            f"{smallest.strategy.name} at ")
+  assert "lower T (now 16)" in message and "--config.mesh.fsdp" in message
 
-
-def test_picks_the_first_that_fits(table, tmp_path):
-  """A budget between two candidates' figures: the first candidate (in the
-  order of speed) at or below it is chosen, its meta-gradient is that
-  strategy's, and the checkpoint records it."""
   totals = [r.memory.total_bytes for r in table]
   pick = next(i for i in range(1, len(totals)) if totals[i] < min(totals[:i]))
   auto = _trainer("auto", memory_budget=totals[pick])
@@ -64,17 +66,6 @@ def test_picks_the_first_that_fits(table, tmp_path):
   auto.fit(1, tmp_path, log_every=1, console=False)
   saved = checkpoint.Checkpointer(tmp_path, {}).info()
   assert saved == {"strategy": table[pick].strategy.name}
-
-
-def test_nothing_fits_is_one_line(refusal, table):
-  smallest = min(table, key=lambda r: r.memory.total_bytes)
-  message = str(refusal)
-  assert "\n" not in message
-  assert message.startswith("no exact strategy fits the memory budget of "
-                            "1.00 KiB per device: the smallest of "
-                            f"{len(table)} candidates is "
-                            f"{smallest.strategy.name} at ")
-  assert "lower T (now 16)" in message and "--config.mesh.fsdp" in message
 
 
 @pytest.mark.parametrize("kwargs,match", [
