@@ -11,7 +11,7 @@ items written atomically together by an ``orbax.checkpoint.CheckpointManager``:
 * ``info``: what the run used that a resumed run may change (the exact
   strategy, e.g. the one ``strategy="auto"`` chose), JSON, not compared.
 
-Resuming restores all three, so continuing from a checkpoint is bit-identical
+Resuming restores the first three, so continuing from a checkpoint is bit-identical
 to a run that never stopped. A checkpoint whose fingerprint differs from the
 current run's is refused (`IncompatibleCheckpointError`) instead of mixing two
 runs. Orbax finalises a step directory only after all items are written, so a
