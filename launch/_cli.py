@@ -36,6 +36,43 @@ class CommandError(Exception):
   """A step that ran failed: reported as ``error: ...``, exit status 1."""
 
 
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def start_backend(host_devices: int = 0, extra_flags: Sequence[str] = ()) -> int:
+  """Starts JAX's backend with ``host_devices`` CPU host devices (0: as
+  configured) and ``extra_flags`` added to ``XLA_FLAGS`` (those not already
+  set), and returns the device count. XLA reads its flags once, at backend
+  start, so ``XLA_FLAGS`` is put back afterwards: subprocesses of the caller
+  (tests, notebooks) must not inherit it; in a process where JAX has started
+  already, this changes nothing.
+
+  Raises:
+    UsageError: JAX had already started with another number of devices.
+  """
+  import jax
+
+  previous = os.environ.get("XLA_FLAGS")
+  keep = [f for f in (previous or "").split()
+          if not (host_devices and f.startswith(_DEVICES_FLAG))]
+  keep += [f for f in extra_flags
+           if not any(k.split("=")[0] == f.split("=")[0] for k in keep)]
+  if host_devices:
+    keep.append(f"{_DEVICES_FLAG}={host_devices}")
+  os.environ["XLA_FLAGS"] = " ".join(keep)
+  try:
+    devices = jax.device_count()  # Starts the backend with the flags.
+  finally:
+    if previous is None:
+      del os.environ["XLA_FLAGS"]
+    else:
+      os.environ["XLA_FLAGS"] = previous
+  if host_devices and devices != host_devices:
+    raise UsageError(f"--host_devices {host_devices}: JAX had already started "
+                     f"with {devices} devices.")
+  return devices
+
+
 def one_line(text: str) -> str:
   """``text`` with every run of whitespace (newlines included) as one space."""
   return " ".join(str(text).split())

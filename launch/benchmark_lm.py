@@ -32,7 +32,6 @@ their ratios. On a CPU, ``--host_devices N`` makes N host devices (it sets
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -40,6 +39,7 @@ import jax
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
+from launch._cli import UsageError, start_backend
 from launch.benchmark import (_int_list, _strategy_list, check_common_args,
                               median_seconds, write_results)
 from metaflow import data, sharding
@@ -230,23 +230,10 @@ def plot(rows: list[dict], plt):
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.host_devices:
-    previous = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in (previous or "").split()
-         if not f.startswith("--xla_force_host_platform_device_count")]
-        + [f"--xla_force_host_platform_device_count={args.host_devices}"])
     try:
-      devices = jax.device_count()  # Starts the backend with the flag.
-    finally:
-      # Read once, at backend start: later subprocesses of the caller (tests,
-      # notebooks) must not inherit it.
-      if previous is None:
-        del os.environ["XLA_FLAGS"]
-      else:
-        os.environ["XLA_FLAGS"] = previous
-    if devices != args.host_devices:
-      raise SystemExit(f"error: --host_devices {args.host_devices}: JAX had "
-                       f"already started with {devices} devices.")
+      start_backend(args.host_devices)
+    except UsageError as e:
+      raise SystemExit(f"error: {e}") from None
   print(f"metaflow LM benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); preset {args.preset}"
         + (f", mesh {sharding.describe(sharding.make_mesh(**args.mesh))}"

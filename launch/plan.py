@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from absl import flags
 
-from launch._cli import UsageError, one_line, parse_flags
+from launch._cli import UsageError, one_line, parse_flags, start_backend
 
 if TYPE_CHECKING:
   import jax
@@ -81,7 +81,6 @@ DEFAULT_BUDGET = "16GiB"
 SEQ_LEN_STEP = 8
 #: XLA flag: no LLVM optimisation (the buffer assignment is made before it).
 _FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
-_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 # ------------------------------------------------------------------ search
@@ -186,36 +185,6 @@ def largest_fitting(measure: Callable[[int], Optional[int]],
 
 
 # ------------------------------------------------------------ the trainers
-def _start_backend(host_devices: int) -> None:
-  """Starts JAX's backend with ``--host_devices`` and the fast-compile flag
-  (XLA reads its flags once, when the backend starts: in a process where JAX
-  has started already, this changes nothing).
-
-  Raises:
-    UsageError: JAX had already started with another number of devices.
-  """
-  import jax
-
-  previous = os.environ.get("XLA_FLAGS")
-  keep = [f for f in (previous or "").split()
-          if not (host_devices and f.startswith(_DEVICES_FLAG))]
-  if not any(f.startswith(_FAST_COMPILE_FLAG.split("=")[0]) for f in keep):
-    keep.append(_FAST_COMPILE_FLAG)
-  if host_devices:
-    keep.append(f"{_DEVICES_FLAG}={host_devices}")
-  os.environ["XLA_FLAGS"] = " ".join(keep)
-  try:
-    devices = jax.device_count()  # Starts the backend with the flags.
-  finally:  # Subprocesses of the caller (tests, notebooks) must not inherit.
-    if previous is None:
-      del os.environ["XLA_FLAGS"]
-    else:
-      os.environ["XLA_FLAGS"] = previous
-  if host_devices and devices != host_devices:
-    raise UsageError(f"--host_devices {host_devices}: JAX had already started "
-                     f"with {devices} devices.")
-
-
 def make_mesh(config: "ml_collections.ConfigDict") -> "jax.sharding.Mesh":
   """The config's mesh for planning: explicit sizes D x F use the first D x F
   devices; with -1 for an axis, every device (as `launch.train.build`).
@@ -386,7 +355,7 @@ def plan(argv: Sequence[str]) -> dict:
                                  or DEFAULT_BUDGET)
   except ValueError as e:
     raise UsageError(f"--budget: {e}") from None
-  _start_backend(fv.host_devices)
+  start_backend(fv.host_devices, [_FAST_COMPILE_FLAG])
 
   import jax
   from metaflow import sharding
@@ -442,9 +411,8 @@ def plan(argv: Sequence[str]) -> dict:
             f"chooses {choice} ({_fmt(chosen)} per device).")
     else:
       print(f"verdict: nothing fits {_fmt(budget)} per device: the leanest, "
-            f"{probe}, needs {_fmt(leanest.memory.total_bytes)}; lower T, "
-            "the batch or sequence length, the model size, split theta over "
-            "more fsdp devices, or raise the budget.")
+            f"{probe}, needs {_fmt(leanest.memory.total_bytes)}; "
+            f"{planner.fit_hint(T)}.")
 
     # 2. The largest T, L and preset with the leanest strategy.
     def measure(**change):

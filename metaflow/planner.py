@@ -121,6 +121,13 @@ def table(rows: Sequence[Candidate], budget: int) -> str:
   return "\n".join(lines)
 
 
+def fit_hint(num_steps: int) -> str:
+  """What would make a meta-step fit, for the one-line refusals."""
+  return (f"to fit, lower T (now {num_steps}), the batch or sequence length, "
+          "or the model size, split theta over more fsdp devices "
+          "(--config.mesh.fsdp), or raise the budget")
+
+
 def choose(measure: Callable[[Strategy], MemoryReport],
            options: Sequence[Strategy], budget: int,
            hint: str = "") -> tuple[Strategy, list[Candidate]]:

@@ -304,12 +304,10 @@ class BilevelTrainer:
     options, refused = self.strategy_candidates()
     for name, reason in refused.items():
       logging.info("strategy auto: %s skipped: %s", name, reason)
-    hint = (f"to fit, lower T (now {self.num_inner_steps}), the batch or "
-            "sequence length, or the model size, split theta over more fsdp "
-            "devices (--config.mesh.fsdp), or raise the budget")
     try:
-      choice, self.auto_table = planner.choose(self.memory_with, options,
-                                               budget, hint)
+      choice, self.auto_table = planner.choose(
+          self.memory_with, options, budget,
+          planner.fit_hint(self.num_inner_steps))
     except planner.NothingFitsError as e:
       logging.info("strategy auto, candidates per device:\n%s",
                    planner.table(e.rows, budget))
