@@ -179,12 +179,17 @@ def main(argv=None) -> int:
   return 0
 
 
+def platform_info() -> dict:
+  """Where a measurement ran: the jax version, backend, machine and CPUs."""
+  return {"jax": jax.__version__, "backend": jax.devices()[0].platform,
+          "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
 def write_results(rows: list[dict], out: str, name: str, plot_fn) -> None:
   """Writes ``out/name.json`` (the rows and the platform) and, with
   matplotlib, ``out/name.png``: the figure ``plot_fn(rows, pyplot)``."""
   os.makedirs(out, exist_ok=True)
-  result = {"jax": jax.__version__, "backend": jax.devices()[0].platform,
-            "machine": platform.machine(), "rows": rows}
+  result = {**platform_info(), "rows": rows}
   json_path = os.path.join(out, f"{name}.json")
   with open(json_path, "w") as f:
     json.dump(result, f, indent=1)

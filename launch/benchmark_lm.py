@@ -27,6 +27,11 @@ their ratios. On a CPU, ``--host_devices N`` makes N host devices (it sets
     python -m launch.benchmark_lm --tasks lm_maml --preset chinchilla_57m \
         --steps 4 --batch 8 --seq_len 2048 --repeats 0 \
         --host_devices 8 --mesh data=1,fsdp=8
+
+``--sweep paper|largest|time|quick`` runs one of the predefined, resumable
+sweeps of `launch.sweep` instead (the paper's Table 1 grid, its "largest
+model that fits" table, step times; results in ``performance/``); only
+``--out`` and ``--repeats`` apply to them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import jax
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
+from launch import sweep
 from launch._cli import UsageError, start_backend
 from launch.benchmark import (_int_list, _strategy_list, check_common_args,
                               median_seconds, write_results)
@@ -46,7 +52,7 @@ from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
 _MIB = 2.0**20
-LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
+LM_TASKS = sweep.LM_TASKS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,8 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=5,
                  help="timed meta-gradients per configuration (0: memory "
                  "only, nothing runs)")
-  p.add_argument("--out", default="benchmark_results",
-                 help="folder for benchmark_lm.json and benchmark_lm.png")
+  p.add_argument("--out", default=None,
+                 help="folder for benchmark_lm.json and benchmark_lm.png "
+                 "(default benchmark_results; with --sweep, performance)")
+  p.add_argument("--sweep", default="", choices=("",) + sweep.SWEEPS,
+                 help="a predefined sweep instead of the flags' grid "
+                 "(launch.sweep): paper (Table 1), largest (Table 2), time, "
+                 "quick (two small points); resumable, one JSON line per "
+                 "point in OUT/sweep_NAME.jsonl")
   p.add_argument("--mesh", type=_mesh, default=None,
                  help="data=D,fsdp=F: per-device memory on that mesh, next "
                  "to one device's (default: one device only)")
@@ -89,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="make N CPU host devices for --mesh (sets XLA_FLAGS "
                  "before JAX starts)")
   args = p.parse_args(argv)
+  if args.out is None:
+    args.out = "performance" if args.sweep else "benchmark_results"
   if args.host_devices < 0:
     p.error("--host_devices must be >= 0")
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -227,8 +241,22 @@ def plot(rows: list[dict], plt):
   return fig
 
 
+#: Sweeps that only compile: code generation without optimisation (the
+#: buffer assignment is made before it).
+_FAST_COMPILE = ("--xla_backend_optimization_level=0",)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.sweep:
+    devices = (max(sweep.LARGEST["devices"]) if args.sweep == "largest"
+               else args.host_devices)
+    try:
+      start_backend(devices, () if args.sweep == "time" else _FAST_COMPILE)
+    except UsageError as e:
+      raise SystemExit(f"error: {e}") from None
+    sweep.run(args.sweep, args.out, args.repeats)
+    return 0
   if args.host_devices:
     try:
       start_backend(args.host_devices)

@@ -53,7 +53,7 @@ from metaflow import checkpoint as checkpoint_lib
 from metaflow import data
 from metaflow import memory
 from metaflow import metrics as metrics_lib
-from metaflow import planner, sharding
+from metaflow import mixflow, planner, sharding
 from metaflow.task import Functional, Task
 from metaflow.strategy import Strategy
 from metaflow.unroll import (check_num_steps, inner_loop,
@@ -579,6 +579,42 @@ class BilevelTrainer:
     # A fresh function: nothing traced for another strategy is reused.
     return memory.analyze(lambda *args: self._value_and_grad(*args), eta,
                           batch, theta_init, static_bytes=static)
+
+  def floor_memory(self) -> dict[str, memory.MemoryReport]:
+    """XLA's compiled memory, per device and from shapes only, of the two
+    computations an exact meta-gradient repeats at every inner step, each at
+    one episode's first inner batch (the full batch, this trainer's mesh):
+
+    * ``"gradient"``: one plain gradient ``grad_theta L(theta, eta, x_t)``
+      (what a training step computes, and the forward pass of every step);
+    * ``"hvp"``: one forward-over-reverse Hessian-vector product
+      ``(H_tt v, H_et v)`` (`mixflow.gradient_jvp` with respect to theta and
+      eta: MixFlow-MG's backward step).
+
+    The larger temp figure is the least working set a strategy that takes
+    the batch whole can have beyond its stored carries: compare it with a
+    strategy's ``dynamic_bytes``. Microbatches go below it (each chunk's
+    gradient and JVP are about 1/M of it).
+    """
+    state = jax.eval_shape(self._initial_state, self.theta_init)
+    eta = self._abstract(state.eta, self.state_shardings.eta)
+    batch = self._abstract(self._batch_shapes, self._batch_shardings)
+    theta_init = self._abstract(self.theta_init, self.theta_shardings)
+    loss = self.functional.inner_loss
+
+    def at_first_batch(fn):
+      def run(eta, batch, theta_init):
+        inner, _ = self.task.split_episode(
+            jax.tree.map(lambda x: x[0], batch), self.num_inner_steps)
+        theta = self.spec.theta0(eta, theta_init)
+        return fn(theta, eta, jax.tree.map(lambda x: x[0], inner))
+      return memory.analyze(run, eta, batch, theta_init)
+
+    hvp = mixflow.gradient_jvp(loss, argnums=(0, 1))
+    return {
+        "gradient": at_first_batch(jax.grad(loss)),
+        "hvp": at_first_batch(lambda theta, eta, x: hvp(theta, eta, x, theta)),
+    }
 
   def _meta_step(self, state: TrainState, batch: PyTree, theta_init: PyTree):
     rng, key = jax.random.split(state.rng)

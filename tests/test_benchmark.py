@@ -2,10 +2,15 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from launch import benchmark, study_estimators
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_small_benchmark(tmp_path, capsys):
@@ -100,6 +105,7 @@ def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys):
     (["--repeats", "-1"], "--repeats must be >= 0"),
     (["--mesh", "data=2,model=4"], "mesh axes are data and fsdp"),
     (["--mesh", "2x4"], "expected data=D,fsdp=F"),
+    (["--sweep", "table1"], "invalid choice: 'table1'"),
 ])
 def test_lm_benchmark_bad_arguments(argv, message, capsys):
   from launch import benchmark_lm
@@ -138,3 +144,63 @@ def test_study_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit):
     study_estimators.parse_args(argv)
   assert message in capsys.readouterr().err
+
+
+def test_quick_sweep_measures_two_points_and_resumes(tmp_path, capsys):
+  """--sweep quick: the paper sweep's code path at two nano points; a rerun
+  skips what the file holds."""
+  from launch import benchmark_lm, sweep
+  # A command of its own: it compiles with the sweep's fast-compile flag.
+  subprocess.run([sys.executable, "-m", "launch.benchmark_lm", "--sweep",
+                  "quick", "--out", str(tmp_path)], check=True,
+                 capture_output=True, cwd=ROOT)
+  path = tmp_path / "sweep_quick.jsonl"
+  rows = sweep.read_rows(str(path))
+  assert [(r["T"], r["L"]) for r in rows] == [
+      (p["T"], p["L"]) for p in sweep.QUICK_POINTS]
+  for r in rows:
+    cols = r["columns"]
+    assert list(cols) == list(sweep.COLUMNS)
+    assert cols["additions"]["strategy"] == sweep.additions_strategy(r["T"],
+                                                                     r["B"])
+    for c in cols.values():
+      assert c["static_bytes"] + c["dynamic_bytes"] == c["temp_bytes"]
+      assert c["total_bytes"] >= c["temp_bytes"] > c["static_bytes"] > 0
+    assert r["ratios"]["standard/mixflow_best"] == (
+        cols["standard"]["temp_bytes"] / cols["mixflow_best"]["temp_bytes"])
+    # The paper's effect, already at the smallest size.
+    assert cols["standard"]["temp_bytes"] > cols["mixflow"]["temp_bytes"]
+    assert (cols["standard_remat"]["temp_bytes"]
+            > cols["mixflow_best"]["temp_bytes"])
+    # The floor is below what a strategy taking the batch whole needs.
+    for name in ("standard", "mixflow"):
+      assert cols[name]["dynamic_bytes"] >= r["floor"]["hvp"]
+    for name in ("standard_remat", "mixflow_best"):
+      assert cols[name]["dynamic_bytes"] >= r["floor"]["hvp_remat_blocks"]
+    assert r["floor"]["hvp_remat_blocks"] < r["floor"]["hvp"]
+  # The stored carries grow with T, nothing else changed.
+  assert (rows[1]["columns"]["mixflow"]["static_bytes"]
+          == 2 * rows[0]["columns"]["mixflow"]["static_bytes"])
+  assert (tmp_path / "sweep_quick.png").stat().st_size > 0
+  capsys.readouterr()
+  assert benchmark_lm.main(["--sweep", "quick", "--out", str(tmp_path)]) == 0
+  assert capsys.readouterr().out.count("skipped") == 2
+  assert len(path.read_text().splitlines()) == 2
+
+
+def test_sweep_grid():
+  """The paper grid swept one axis at a time around the base point."""
+  from launch import sweep
+  points = sweep.paper_points(["lm_maml"])
+  assert sweep.PAPER_PRESETS[0] == "chinchilla_57m"
+  assert sweep.PAPER_PRESETS[-1] == "chinchilla_306m"
+  assert len(points) == len(set(map(str, points))) == (
+      len(sweep.PAPER_PRESETS) + 2 + 2 + 2)
+  assert {**sweep.PAPER_BASE, "task": "lm_maml"} in points
+  for p in points:
+    assert sum(p[a] != sweep.PAPER_BASE[a] for a in sweep.PAPER_AXES) <= 1
+  # Segments only where they store fewer carries than T.
+  assert sweep.additions_strategy(4, 4) == (
+      "mixflow+remat+saved_inner_grads+microbatches=4")
+  assert sweep.additions_strategy(16, 2) == (
+      "mixflow+remat+saved_inner_grads+segments=auto+microbatches=2")

@@ -26,8 +26,8 @@ nested dict (the model holds no other state)::
    "final_norm": {"scale": [width]},
    "head": {"kernel": [width, vocab]}}
 
-Presets (`PRESETS`, `preset`): ``"nano"`` and ``"tiny"`` for tests and quick
-runs, and the Chinchilla scaling ladder (Hoffmann et al., 2022, Table A9:
+Presets (`PRESETS`, `preset`): ``"nano"``, ``"tiny"`` and ``"small"`` (0.8M
+parameters) for tests and quick runs, and the Chinchilla scaling ladder (Hoffmann et al., 2022, Table A9:
 d_model, ffw_size = 4 d_model, kv_size, n_heads, n_layers), named
 ``"chinchilla_<N>m"`` after Chinchilla's own parameter counts N (millions),
 which include the embeddings of its ~32k-token vocabulary. With the byte-level
@@ -371,6 +371,8 @@ PRESETS: dict[str, TransformerConfig] = {
     "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),
     "tiny": TransformerConfig(width=64, depth=2, num_heads=4,
                               max_length=_LADDER_MAX_LENGTH),
+    "small": TransformerConfig(width=128, depth=4, num_heads=4,
+                               max_length=_LADDER_MAX_LENGTH),
     **{f"chinchilla_{size}m": _ladder_preset(*shape)
        for size, shape in _CHINCHILLA_LADDER.items()},
 }
