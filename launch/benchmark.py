@@ -194,6 +194,14 @@ def write_results(rows: list[dict], out: str, name: str, plot_fn) -> None:
   with open(json_path, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {json_path}")
+  save_plot(rows, plot_fn, os.path.join(out, f"{name}.png"))
+
+
+def save_plot(rows: list[dict], plot_fn, path: str) -> None:
+  """Draws the figure ``plot_fn(rows, pyplot)`` into ``path`` (when there are
+  rows and matplotlib is installed)."""
+  if not rows:
+    return
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -203,10 +211,9 @@ def write_results(rows: list[dict], out: str, name: str, plot_fn) -> None:
     return
   fig = plot_fn(rows, plt)
   fig.tight_layout()
-  png_path = os.path.join(out, f"{name}.png")
-  fig.savefig(png_path, dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
-  print(f"wrote {png_path}")
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ additions      ``mixflow_best`` + ``segments=auto`` where they   yes
 lm_loss_weighting; presets chinchilla_57m to chinchilla_306m, here every
 second of the 13 ladder presets between them; T in 2, 4, 8; B in 2, 4, 8; L in
 2048, 4096, 8192) swept one axis at a time around the base point
-(chinchilla_57m, T=8, B=2, L=8192): 3 x 13 points (the full product, 3 x 13 x
-27 points at about a minute each, would take days on two cores): per point and column
-static, dynamic, temp and total bytes, the ratios of temp memory, and the
-floor (`BilevelTrainer.floor_memory`: one plain gradient of L and one
+(chinchilla_57m, T=8, B=2, L=8192): 3 x 13 points (the full product, 3 x 13
+x 27 points at about a minute each, would take days on two cores): per point
+and column static, dynamic, temp and total bytes, the ratios of temp memory,
+and the floor (`BilevelTrainer.floor_memory`: one plain gradient of L and one
 forward-over-reverse HVP, with and without block remat).
 
 ``largest``: the paper's Table 2, extended: for budgets of 16, 80 and 95 GiB,
@@ -67,7 +67,7 @@ import jax
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
 from launch import plan as plan_lib
-from launch.benchmark import median_seconds, platform_info
+from launch.benchmark import median_seconds, platform_info, save_plot
 from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
@@ -403,25 +403,6 @@ def plot_largest(rows: list[dict], plt):
     ax.set_title(f"T={T}, L={LARGEST['L']}, B={LARGEST['B']} per device")
   axs[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
   return fig
-
-
-def save_plot(rows: list[dict], plot_fn, path: str) -> None:
-  """Draws ``plot_fn(rows, pyplot)`` into ``path`` (if matplotlib is
-  installed)."""
-  if not rows:
-    return
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib is not installed: no plot written")
-    return
-  fig = plot_fn(rows, plt)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------- main

@@ -10,9 +10,19 @@ key can be overridden with ``--config.key=value``. ``--strategy``,
 ``--inner_steps`` and ``--meta_steps`` are shortcuts for ``config.strategy``,
 ``config.inner_steps`` and ``config.meta_steps``.
 
-A ``--workdir`` that holds checkpoints is resumed from the latest one
-(``--meta_steps`` is the total); a checkpoint written with a different config
-is refused. TensorBoard event files are written to the workdir.
+``--task`` is a registered name or ``package.module:ClassName``, a `Task`
+subclass in any importable module (its config: ``configs/task_fields.py``,
+the shared defaults plus the dataclass's fields as ``config.task``);
+``--task_module`` imports modules that register tasks themselves.
+
+A ``--workdir`` that holds checkpoints is resumed from the latest one that
+can be read (``--meta_steps`` is the total); a checkpoint written with a
+different config is refused. TensorBoard event files are written to the
+workdir. SIGTERM or SIGINT stops the run after the meta-step in flight with a
+checkpoint and exit status 0 (relaunch the same command to resume); a run
+that cannot go on (no readable checkpoint; ``config.max_skipped_steps``
+non-finite meta-steps in a row) ends with one ``error:`` line and status 1;
+bad input with one ``error:`` line and status 2, before anything compiles.
 
 The run uses every device of every process, on the mesh
 ``--config.mesh.data=N --config.mesh.fsdp=M`` (default: all devices on
@@ -50,12 +60,18 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 #: (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
-                  "strategy", "memory_budget", "mesh")
+                  "keep_checkpoints", "max_skipped_steps", "strategy",
+                  "memory_budget", "mesh")
 
 #: Outer optimisers by name (``config.outer_optimizer``).
 OUTER_OPTIMIZERS = ("adam", "sgd")
 
-flags.DEFINE_string("task", None, "Registered task name, e.g. sinusoid_maml.")
+flags.DEFINE_string("task", None, "Registered task name, e.g. sinusoid_maml, "
+                    "or package.module:ClassName (a Task subclass defined "
+                    "outside this repository).")
+flags.DEFINE_string("task_module", None, "Comma-separated modules to import "
+                    "before --task is looked up (modules that register "
+                    "their own tasks with metaflow.task.register).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard "
                     "event files. Resumed if it holds checkpoints.")
 flags.DEFINE_string("strategy", None, "Gradient strategy (overrides "
@@ -97,16 +113,23 @@ def cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def config_path(task: str) -> str:
-  """The default config file of ``task``."""
+  """The default config of ``task``: ``launch/configs/<task>.py``, or for a
+  task without one ``task_fields.py:<task>`` (the shared defaults and the
+  task's own fields)."""
   path = os.path.join(CONFIG_DIR, f"{task}.py")
-  return path if os.path.exists(path) else os.path.join(CONFIG_DIR, "default.py")
+  if os.path.exists(path):
+    return path
+  return os.path.join(CONFIG_DIR, "task_fields.py") + f":{task}"
 
 
 def _load_config(path: str):
+  """``get_config()`` of a config file, or ``get_config(arg)`` for
+  ``file:arg`` (as ml_collections' ``--config`` reads it)."""
+  path, *arg = path.split(":", 1)
   spec = importlib.util.spec_from_file_location("_metaflow_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*arg)
 
 
 def prepare_argv(argv: Sequence[str]) -> list[str]:
@@ -117,23 +140,28 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
     UsageError: missing or unknown task, missing config file, unknown key.
   """
   import tasks  # noqa: F401  (registers the built-in tasks)
-  from metaflow.task import registered_tasks
+  from metaflow.task import import_module, import_task, registered_tasks
 
   argv = list(argv)
   task = flag_value(argv, "task")
-  if not task:
-    raise UsageError("--task is required; registered tasks: "
-                     f"{', '.join(registered_tasks())}.")
-  if task not in registered_tasks():
-    raise UsageError(f"unknown task {task!r}; registered tasks: "
-                     f"{', '.join(registered_tasks())}.")
+  try:
+    for module in (flag_value(argv, "task_module") or "").split(","):
+      if module.strip():
+        import_module(module.strip(), "--task_module")
+    if not task:
+      raise UsageError("--task is required; registered tasks: "
+                       f"{', '.join(registered_tasks())} (or "
+                       "package.module:ClassName).")
+    import_task(task)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   path = flag_value(argv, "config")
   if path is None:
     path = config_path(task)
     argv.insert(1, f"--config={path}")
   if not os.path.isfile(path.split(":", 1)[0]):
     raise UsageError(f"config file {path!r} does not exist.")
-  config = _load_config(path.split(":", 1)[0])
+  config = _load_config(path)
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
@@ -150,10 +178,9 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _outer_optimizer(name: str, learning_rate: float):
+  """The optax optimiser ``name`` (one of `OUTER_OPTIMIZERS`, checked by
+  `check_config`)."""
   import optax
-  if name not in OUTER_OPTIMIZERS:
-    raise ValueError(f"unknown outer_optimizer {name!r}; expected one of "
-                     f"{OUTER_OPTIMIZERS}.")
   return getattr(optax, name)(learning_rate)
 
 
@@ -164,6 +191,60 @@ def _resolved_config():
     if value is not None:
       config[name] = value
   return config.lock()
+
+
+#: Top-level settings checked by `check_config`: key -> (kind, low).
+#: ``int``: an int >= low; ``float``: a finite number > low (``>=`` for
+#: ``"float>="``); ``axis``: -1 (the rest) or an int >= 1.
+_SETTINGS = {
+    "inner_steps": ("int", 1), "meta_steps": ("int", 0),
+    "meta_batch_size": ("int", 1), "num_eval_tasks": ("int", 1),
+    "log_every": ("int", 1), "eval_every": ("int", 0),
+    "checkpoint_every": ("int", 0), "keep_checkpoints": ("int", 1),
+    "max_skipped_steps": ("int", 1), "num_workers": ("int", 0),
+    "seed": ("int", 0), "cg_steps": ("int", 1),
+    "outer_lr": ("float", 0.0), "cg_damping": ("float>=", 0.0),
+    "mesh.data": ("axis", None), "mesh.fsdp": ("axis", None),
+}
+
+
+def check_config(config) -> None:
+  """Checks the run's own settings (the task checks ``config.task``) before
+  anything is built, one line per problem.
+
+  Raises:
+    ValueError: a count or size out of range, a learning rate or damping
+      that is not a positive (non-negative) finite number, an unknown outer
+      optimiser or split.
+  """
+  import math
+
+  from metaflow.data import SPLITS
+  for key, (kind, low) in _SETTINGS.items():
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and not (is_int and value >= low):
+      raise ValueError(f"config.{key} must be an int >= {low}, got {value!r}.")
+    if kind == "axis" and not (is_int and (value == -1 or value >= 1)):
+      raise ValueError(f"config.{key} must be -1 (all the devices left) or "
+                       f"an int >= 1, got {value!r}.")
+    if kind.startswith("float"):
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= low if kind == "float>=" else value > low))
+      if not ok:
+        bound = ">= 0" if kind == "float>=" else "> 0"
+        raise ValueError(f"config.{key} must be a finite number {bound}, got "
+                         f"{value!r}.")
+  if config.outer_optimizer not in OUTER_OPTIMIZERS:
+    raise ValueError(f"config.outer_optimizer must be one of "
+                     f"{', '.join(OUTER_OPTIMIZERS)}, got "
+                     f"{config.outer_optimizer!r}.")
+  if config.eval_split not in SPLITS:
+    raise ValueError(f"config.eval_split must be one of {', '.join(SPLITS)}, "
+                     f"got {config.eval_split!r}.")
 
 
 def strategy_of(config):
@@ -205,6 +286,7 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
 
   from metaflow import sharding
 
+  check_config(config)
   if mesh is None:
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(task_name, **config.task.to_dict())
@@ -257,16 +339,22 @@ def _only_our_info_logs(record) -> bool:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (every "
+                     "setting is a --flag or --config.KEY=VALUE).")
   logging.get_absl_handler().addFilter(_only_our_info_logs)
   import jax
   from metaflow import checkpoint, sharding
+  from metaflow.trainer import NonFiniteError
 
-  initialize_distributed()
   task_name = flags.FLAGS.task
   config = _resolved_config()
   if not flags.FLAGS.workdir:
     raise UsageError("--workdir is required.")
+  try:  # the run's own settings: before any process waits for another
+    check_config(config)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  initialize_distributed()
   # Before anything is built: parameters and meta-parameters in float64.
   jax.config.update("jax_enable_x64", bool(config.x64))
   try:
@@ -285,9 +373,19 @@ def main(argv: Sequence[str]) -> None:
     result = trainer.fit(
         config.meta_steps, flags.FLAGS.workdir, log_every=config.log_every,
         eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-        run_config=run_config)
+        keep_checkpoints=config.keep_checkpoints,
+        max_skipped_steps=config.max_skipped_steps, run_config=run_config)
   except checkpoint.IncompatibleCheckpointError as e:
     raise UsageError(str(e)) from None
+  except (checkpoint.UnreadableCheckpointError, NonFiniteError) as e:
+    raise RunError(str(e)) from None
+  if result.preempted:
+    if jax.process_index() == 0:
+      print(f"{task_name}: stopped by {result.preempted} after meta-step "
+            f"{int(result.state.step)} of {config.meta_steps}, checkpoint in "
+            f"{os.path.join(os.path.abspath(flags.FLAGS.workdir), 'checkpoints')}"
+            "; run the same command to resume.")
+    return
   if jax.process_index() == 0:
     before, after = result.initial_eval, result.final_eval
     print(f"{task_name}: held-out outer loss after T={trainer.num_inner_steps} "
@@ -298,8 +396,14 @@ def main(argv: Sequence[str]) -> None:
       print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
 
 
+class RunError(Exception):
+  """The run cannot go on (no readable checkpoint, diverged): one line,
+  exit status 1."""
+
+
 def run(argv: Optional[Sequence[str]] = None) -> None:
-  """Entry point: bad input is reported as ``error: ...`` (exit status 2)."""
+  """Entry point: bad input is reported as ``error: ...`` (exit status 2), a
+  run that cannot go on likewise (exit status 1)."""
   argv = list(sys.argv if argv is None else argv)
   try:
     argv = prepare_argv(argv)
@@ -307,6 +411,9 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RunError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ Resuming restores the first three, so continuing from a checkpoint is bit-identi
 to a run that never stopped. A checkpoint whose fingerprint differs from the
 current run's is refused (`IncompatibleCheckpointError`) instead of mixing two
 runs. Orbax finalises a step directory only after all items are written, so a
-process killed mid-save leaves the previous checkpoint as the latest.
+process killed mid-save leaves the previous checkpoint as the latest. A
+finalised checkpoint that later cannot be read (a truncated or deleted array
+file, broken metadata: a disk or a copy gone wrong) is moved aside to
+``checkpoints.unreadable/`` with a warning and the one before it is restored
+(`Checkpointer.restore`); the last ``max_to_keep`` are kept for this.
 
 With several processes (``jax.distributed``) every process calls `save` and
 `restore` together: Orbax writes each array's shards from the processes that
@@ -36,13 +40,38 @@ from typing import Any, Mapping, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
 
 
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds a checkpoint of a run with a different config."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """The workdir holds checkpoints and none of them can be restored."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (all of them call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _json_default(value: Any) -> str:
@@ -130,29 +159,77 @@ class Checkpointer:
 
   def restore(self, state: PyTree, data_iterator: grain.DatasetIterator
               ) -> Optional[PyTree]:
-    """Restores the latest checkpoint into ``data_iterator`` and returns the
-    state (shaped and sharded like the template ``state``: arrays or
-    ``jax.ShapeDtypeStruct``s with shardings), or None if there is none.
+    """Restores the latest checkpoint that can be read into
+    ``data_iterator`` and returns the state (shaped and sharded like the
+    template ``state``: arrays or ``jax.ShapeDtypeStruct``s with shardings),
+    or None if there is none.
+
+    A checkpoint that cannot be restored (a truncated or missing array file,
+    unreadable metadata) is skipped with a warning for the one before it;
+    once one restores, the unreadable newer ones are moved aside to
+    ``checkpoints.unreadable/`` (never deleted), so that the run continues
+    from the restored step and later saves take their place. With several
+    processes they agree: a checkpoint is unreadable if any process failed.
 
     Raises:
       IncompatibleCheckpointError: the checkpoint's config differs.
+      UnreadableCheckpointError: there are checkpoints and none restores
+        (nothing is moved).
     """
-    step = self.latest_step()
-    if step is None:
-      return None
-    saved = self._manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    diffs = config_diff(saved, self.config)
-    if diffs:
-      raise IncompatibleCheckpointError(
-          f"The checkpoint at {self.directory} (step {step}) was written by a "
-          f"run with a different config: {'; '.join(diffs)}. Use another "
-          "--workdir, or the same config to resume.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state),
-        data=ocp.args.JsonRestore()))
-    data_iterator.set_state(restored["data"])
-    return restored["state"]
+    failed = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+      except Exception as e:  # noqa: BLE001 (any failure to read it)
+        saved, error = None, e
+      if saved is not None:
+        diffs = config_diff(saved, self.config)
+        if diffs:
+          raise IncompatibleCheckpointError(
+              f"The checkpoint at {self.directory} (step {step}) was written "
+              f"by a run with a different config: {'; '.join(diffs)}. Use "
+              "another --workdir, or the same config to resume.")
+        try:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(state),
+              data=ocp.args.JsonRestore()))
+          error = None
+        except Exception as e:  # noqa: BLE001
+          error = e
+      if _all_processes_ok(error is None):
+        for bad in failed:
+          self._move_aside(bad[0])
+        data_iterator.set_state(restored["data"])
+        return restored["state"]
+      reason = (f"{type(error).__name__}: {_first_line(error)}" if error
+                else "unreadable on another process")
+      logging.warning("Checkpoint %d in %s cannot be restored (%s); trying "
+                      "the one before it.", step, self.directory, reason)
+      failed.append((step, reason))
+    if failed:
+      raise UnreadableCheckpointError(
+          f"no checkpoint in {self.directory} can be restored: "
+          + "; ".join(f"step {step}: {reason}" for step, reason in failed)
+          + ". Nothing was moved; use another --workdir to start afresh.")
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Moves step directory ``step`` to ``checkpoints.unreadable/`` (by
+    process 0; every process waits for it)."""
+    if jax.process_index() == 0:
+      source = os.path.join(self.directory, str(step))
+      target = os.path.join(self.directory + ".unreadable", str(step))
+      suffix = 0
+      while os.path.exists(target + (f".{suffix}" if suffix else "")):
+        suffix += 1
+      target += f".{suffix}" if suffix else ""
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target)
+      logging.warning("Moved the unreadable checkpoint %d to %s.", step,
+                      target)
+    _sync_processes(f"metaflow_move_aside_{step}")
+    self._manager.reload()
 
   def info(self, step: Optional[int] = None) -> dict:
     """The ``info`` saved with checkpoint ``step`` (default: the latest);

@@ -293,6 +293,67 @@ def registered_tasks() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
+def import_task(spec: str) -> str:
+  """The registry name of the task ``spec`` names, importing it if needed.
+
+  ``spec`` is a registered name, or ``"package.module:ClassName"``: a `Task`
+  subclass defined anywhere importable (how a user's own task is launched
+  without editing this repository). That module is imported and the class
+  registered under ``spec`` (or, if the module registers it itself, under
+  its own name).
+
+  Raises:
+    ValueError: a module that cannot be imported, no such class, not a Task
+      subclass, or an unknown registered name.
+  """
+  if ":" not in spec:
+    if spec not in _REGISTRY:
+      raise ValueError(f"unknown task {spec!r}; registered tasks: "
+                       f"{', '.join(registered_tasks()) or '(none)'} (or "
+                       "give package.module:ClassName).")
+    return spec
+  module_name, _, class_name = spec.partition(":")
+  module = import_module(module_name, f"task {spec!r}")
+  cls = getattr(module, class_name, None)
+  if cls is None:
+    raise ValueError(f"task {spec!r}: module {module_name} has no "
+                     f"{class_name!r}.")
+  if not (isinstance(cls, type) and issubclass(cls, Task)):
+    kind = "class" if isinstance(cls, type) else type(cls).__name__
+    raise ValueError(f"task {spec!r}: {class_name} is a {kind}, not a "
+                     "metaflow.Task subclass.")
+  if cls.name and _REGISTRY.get(cls.name) is cls:
+    return cls.name
+  register(spec)(cls)
+  return spec
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+  """The settings of registered task ``name`` that have a default (the
+  fields of a dataclass task), at their defaults."""
+  cls = _REGISTRY[import_task(name)]
+  if not dataclasses.is_dataclass(cls):
+    return {}
+  defaults = {}
+  for field in dataclasses.fields(cls):
+    if field.default is not dataclasses.MISSING:
+      defaults[field.name] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      defaults[field.name] = field.default_factory()
+  return defaults
+
+
+def import_module(name: str, what: str):
+  """``importlib.import_module(name)``; ValueError naming ``what`` if the
+  module cannot be found or fails while it is imported."""
+  import importlib
+  try:
+    return importlib.import_module(name)
+  except Exception as e:  # noqa: BLE001 (the user's module: any error)
+    raise ValueError(f"{what}: cannot import module {name!r} "
+                     f"({type(e).__name__}: {e}).") from None
+
+
 def create_task(name: str, **settings: Any) -> Task:
   """The registered task ``name`` constructed with ``settings``.
 

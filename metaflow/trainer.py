@@ -54,6 +54,7 @@ from metaflow import data
 from metaflow import memory
 from metaflow import metrics as metrics_lib
 from metaflow import mixflow, planner, sharding
+from metaflow import preemption as preemption_lib
 from metaflow.task import Functional, Task
 from metaflow.strategy import Strategy
 from metaflow.unroll import (check_num_steps, inner_loop,
@@ -66,9 +67,13 @@ class TrainState(NamedTuple):
   """Everything meta-training carries from step to step (all checkpointed).
 
   Attributes:
-    step: int32 scalar, meta-steps done.
+    step: int32 scalar, meta-steps done (skipped ones included: the data
+      position).
     eta: the meta-parameters (a dict, see `MetaParams`).
-    opt_state: the outer optimiser's state.
+    opt_state: the outer optimiser's state, inside
+      ``optax.apply_if_finite``'s (``notfinite_count``: consecutive skipped
+      meta-steps, ``total_notfinite``: all of them, ``inner_state``: the
+      outer optimiser's own).
     rng: uint32[2] PRNG key (split once per meta-step).
   """
   step: jax.Array
@@ -83,19 +88,34 @@ class FitResult(NamedTuple):
   Attributes:
     state: the final `TrainState`.
     initial_eval: evaluation at the initial eta (same held-out episodes).
-    final_eval: evaluation at the final eta.
+    final_eval: evaluation at the final eta ({} when preempted).
     history: logged rows ``{"step": int, name: float, ...}``, training
       averages and evaluations, in order (of this process's run only).
+    preempted: the name of the signal that stopped the run early (after a
+      checkpoint), or None.
   """
   state: TrainState
   initial_eval: dict
   final_eval: dict
   history: list
+  preempted: Optional[str] = None
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive meta-steps had a non-finite outer loss or
+  meta-gradient (`BilevelTrainer.fit`'s ``max_skipped_steps``)."""
+
+
+#: ``optax.apply_if_finite`` applies a non-finite update after this many
+#: consecutive ones; `BilevelTrainer.fit` stops long before.
+_NEVER_APPLY = 2**31 - 2
 
 
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
-  """Meta-training metrics, averaged over the steps of a logging interval."""
+  """Meta-training metrics, averaged over the applied meta-steps of a logging
+  interval (the model output ``mask`` leaves the skipped, non-finite ones
+  out)."""
   outer_loss: clu_metrics.Average.from_output("outer_loss")
   inner_loss_first: clu_metrics.Average.from_output("inner_loss_first")
   inner_loss_last: clu_metrics.Average.from_output("inner_loss_last")
@@ -126,7 +146,9 @@ class BilevelTrainer:
       table is logged and kept in ``auto_table``).
     num_inner_steps: T, inner steps per episode (training and evaluation).
     meta_batch_size: B, episodes per meta-step (vmapped).
-    outer_optimizer: optax transformation for eta (default Adam, 1e-3).
+    outer_optimizer: optax transformation for eta (default Adam, 1e-3),
+      applied through ``optax.apply_if_finite``: a meta-step with a
+      non-finite outer loss or meta-gradient is skipped (`fit`).
     seed: seeds the model initialisation, eta, the RNG and the data.
     eval_split: split of the held-out evaluation episodes.
     num_eval_tasks: number of evaluation episodes.
@@ -188,6 +210,9 @@ class BilevelTrainer:
                       f"got {type(outer_optimizer).__name__}.")
     self.meta_batch_size = meta_batch_size
     self.outer_optimizer = outer_optimizer
+    # A meta-step whose outer loss or meta-gradient is not finite is not
+    # applied (eta and the optimiser state stay; `_meta_step`).
+    self._outer = optax.apply_if_finite(outer_optimizer, _NEVER_APPLY)
     self.seed = seed
     self.eval_split = eval_split
     self.num_eval_tasks = num_eval_tasks
@@ -444,7 +469,7 @@ class BilevelTrainer:
     return TrainState(
         step=self._replicated, eta=eta,
         opt_state=sharding.optimizer_state_shardings(
-            self.outer_optimizer, state.opt_state, eta, self.mesh),
+            self._outer, state.opt_state, eta, self.mesh),
         rng=self._replicated)
 
   def _theta0(self, eta: dict, theta_base: PyTree) -> PyTree:
@@ -467,7 +492,7 @@ class BilevelTrainer:
     eta = jax.tree.map(jnp.copy, self.spec.init(k_eta, theta_init,
                                                 self.num_inner_steps))
     return TrainState(step=jnp.zeros([], jnp.int32), eta=eta,
-                      opt_state=self.outer_optimizer.init(eta), rng=key)
+                      opt_state=self._outer.init(eta), rng=key)
 
   def init_state(self) -> TrainState:
     """The initial `TrainState` (deterministic given ``seed``), laid out in
@@ -621,14 +646,23 @@ class BilevelTrainer:
     theta_base = self._theta_base(key, theta_init)
     (outer_loss, aux), meta_grads = self._value_and_grad(
         state.eta, batch, theta_base)
-    updates, opt_state = self.outer_optimizer.update(
-        meta_grads, state.opt_state, state.eta)
+    # apply_if_finite looks at the meta-gradient only: a non-finite outer
+    # loss (with a finite meta-gradient, e.g. an inf in a term without eta)
+    # marks it too. A skipped step's update is zero: eta and the outer
+    # optimiser's state stay as they were; step and rng move on.
+    meta_grads = jax.tree.map(
+        lambda g: jnp.where(jnp.isfinite(outer_loss), g, jnp.nan), meta_grads)
+    updates, opt_state = self._outer.update(meta_grads, state.opt_state,
+                                            state.eta)
     eta = optax.apply_updates(state.eta, updates)
     step_metrics = {
         "outer_loss": outer_loss,
         "inner_loss_first": jnp.mean(aux.inner_losses[:, 0]),
         "inner_loss_last": jnp.mean(aux.inner_losses[:, -1]),
         "meta_grad_norm": optax.tree.norm(meta_grads),
+        "mask": opt_state.last_finite,
+        "skipped_steps": opt_state.total_notfinite,
+        "consecutive_skips": opt_state.notfinite_count,
     }
     return TrainState(state.step + 1, eta, opt_state, rng), step_metrics
 
@@ -714,19 +748,33 @@ class BilevelTrainer:
     """
     def summarise(rows):
       stacked = jax.tree.map(lambda *v: jnp.stack(v), *rows)
-      return TrainMetrics.single_from_model_output(**stacked).compute()
+      means = TrainMetrics.single_from_model_output(**stacked).compute()
+      return {**means, "skipped_steps": rows[-1]["skipped_steps"]}
     return jax.jit(summarise, out_shardings=self._replicated)
 
   def fit(self, num_meta_steps: int, workdir: Optional[str | os.PathLike] = None,
           *, log_every: int = 50, eval_every: int = 0,
-          checkpoint_every: int = 0,
+          checkpoint_every: int = 0, keep_checkpoints: int = 3,
+          max_skipped_steps: int = 10,
           run_config: Optional[Mapping[str, Any]] = None,
           console: bool = True) -> FitResult:
     """Meta-trains until ``num_meta_steps`` meta-steps are done.
 
-    With a ``workdir``: resumes from its latest checkpoint (refusing one from
-    a different config), checkpoints every ``checkpoint_every`` steps and at
-    the end, and writes TensorBoard event files and console lines there.
+    With a ``workdir``: resumes from its latest checkpoint that restores
+    (refusing one from a different config; one that cannot be read is moved
+    aside, `metaflow.checkpoint`), checkpoints every ``checkpoint_every``
+    steps and at the end, and writes TensorBoard event files and console
+    lines there.
+
+    Survives: SIGTERM or SIGINT (`metaflow.preemption`) ends the run after
+    the meta-step in flight with a checkpoint (``FitResult.preempted``; no
+    final evaluation); a meta-step with a non-finite outer loss or
+    meta-gradient is skipped inside the jitted step (eta and the outer
+    optimiser's state stay, the data position moves on; counted in
+    ``train/skipped_steps``), and after ``max_skipped_steps`` consecutive
+    ones (checked one step behind, so the host never waits for the device)
+    the run stops with a checkpoint of its last finite state and
+    `NonFiniteError`.
 
     Args:
       num_meta_steps: total meta-steps (including those already done).
@@ -734,13 +782,17 @@ class BilevelTrainer:
       log_every: steps between metric rows (averages over the interval).
       eval_every: steps between evaluations (0: only at the start and end).
       checkpoint_every: steps between checkpoints (0: only at the end).
+      keep_checkpoints: the most recent checkpoints kept.
+      max_skipped_steps: consecutive non-finite meta-steps that stop the run.
       run_config: extra settings that a resumed run must share (e.g. the
         launch config), stored in the checkpoint.
       console: also print metric rows (through absl logging).
     """
     _check_ints((("num_meta_steps", num_meta_steps, 0),
                  ("log_every", log_every, 1), ("eval_every", eval_every, 0),
-                 ("checkpoint_every", checkpoint_every, 0)))
+                 ("checkpoint_every", checkpoint_every, 0),
+                 ("keep_checkpoints", keep_checkpoints, 1),
+                 ("max_skipped_steps", max_skipped_steps, 1)))
     state = self.init_state()
     eta_initial = state.eta
     batches = self.train_batches()
@@ -750,14 +802,14 @@ class BilevelTrainer:
       workdir = checkpoint_lib.check_workdir(workdir)
       logdir = workdir
       checkpointer = checkpoint_lib.Checkpointer(
-          workdir, self.fingerprint(run_config),
+          workdir, self.fingerprint(run_config), max_to_keep=keep_checkpoints,
           info={"strategy": self.strategy.name})
-      before = checkpointer.info().get("strategy")
       restored = checkpointer.restore(state, batches)
       if restored is not None:
         state = restored
         logging.info("Resumed from %s at step %d (strategy %s, now %s).",
-                     checkpointer.directory, int(state.step), before,
+                     checkpointer.directory, int(state.step),
+                     checkpointer.info(int(state.step)).get("strategy"),
                      self.strategy.name)
     writer = metrics_lib.create_writer(logdir, console=console)
     progress = metrics_lib.report_progress(num_meta_steps, writer)
@@ -767,35 +819,66 @@ class BilevelTrainer:
       writer.write_scalars(step, row)
       history.append({"step": step, **row})
 
+    def save():
+      if checkpointer:
+        checkpointer.save(int(state.step), state, batches)
+
     start = int(state.step)
     initial_eval = self.evaluate(eta_initial)
     if start == 0:
       write(0, {f"eval/{k}": v for k, v in initial_eval.items()})
-    collected = []
-    step = start
+    collected, last = [], None
+    final_eval = {}
+
+    def write_train(step):
+      write(step, {f"train/{k}": float(v)
+                   for k, v in self._summarise(collected).items()})
+      collected.clear()
+
     try:
-      for step in range(start + 1, num_meta_steps + 1):
-        state, step_metrics = self.step(state, next(batches))
-        if collected:
-          # At most this step in flight (see `_summarise`); the host waits
-          # for the previous one, so the device never waits for the host.
-          jax.block_until_ready(collected[-1])
-        collected.append(step_metrics)
-        progress(step)
-        if step % log_every == 0 or step == num_meta_steps:
-          write(step, {f"train/{k}": float(v)
-                       for k, v in self._summarise(collected).items()})
-          collected = []
-        if eval_every and step % eval_every == 0 and step != num_meta_steps:
-          write(step, {f"eval/{k}": v
-                       for k, v in self.evaluate(state.eta).items()})
-        if checkpointer and checkpoint_every and step % checkpoint_every == 0:
-          checkpointer.save(step, state, batches)
+      with preemption_lib.Preemption() as preemption:
+        for step in range(start + 1, num_meta_steps + 1):
+          state, step_metrics = self.step(state, next(batches))
+          if last is not None:
+            # At most this step in flight (see `_summarise`); the host waits
+            # for the previous one, so the device never waits for the host.
+            jax.block_until_ready(last)
+            skips = int(last["consecutive_skips"])
+            if skips >= max_skipped_steps:
+              save()  # the state after this step: no update was non-finite
+              raise NonFiniteError(
+                  f"{skips} consecutive meta-steps had a non-finite outer "
+                  f"loss or meta-gradient (the last at step {step - 1}; "
+                  f"max_skipped_steps={max_skipped_steps}); stopped at step "
+                  f"{step} with a checkpoint of the last finite state"
+                  + (f" in {checkpointer.directory}" if checkpointer else "")
+                  + ". Look for the data or the learning rate that diverges.")
+          last = step_metrics
+          collected.append(step_metrics)
+          progress(step)
+          if step % log_every == 0 or step == num_meta_steps:
+            write_train(step)
+          if preemption.reached(step):
+            save()
+            if collected:
+              write_train(step)
+            logging.warning(
+                "%s: stopped after meta-step %d of %d%s; run the same "
+                "command to resume.", preemption.signal_name, step,
+                num_meta_steps,
+                f", checkpoint in {checkpointer.directory}"
+                if checkpointer else " (no workdir: nothing saved)")
+            return FitResult(state, initial_eval, {}, history,
+                             preemption.signal_name)
+          if eval_every and step % eval_every == 0 and step != num_meta_steps:
+            write(step, {f"eval/{k}": v
+                         for k, v in self.evaluate(state.eta).items()})
+          if checkpointer and checkpoint_every and step % checkpoint_every == 0:
+            save()
       final_eval = self.evaluate(state.eta)
       if num_meta_steps > start:
         write(num_meta_steps, {f"eval/{k}": v for k, v in final_eval.items()})
-      if checkpointer:
-        checkpointer.save(int(state.step), state, batches)
+      save()
     finally:
       writer.flush()
       writer.close()

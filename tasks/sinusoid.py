@@ -86,7 +86,18 @@ class SinusoidMAML(Task):
     if self.num_shots < 1 or self.num_query < 1:
       raise ValueError("num_shots and num_query must be >= 1, got "
                        f"{self.num_shots} and {self.num_query}.")
+    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+               and w >= 1 for w in self.widths):
+      raise ValueError(f"widths must be ints >= 1, got {self.widths!r}.")
     object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+    if isinstance(self.inner_lr, bool) or not (
+        isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0
+        and math.isfinite(self.inner_lr)):
+      raise ValueError(f"inner_lr must be a finite number > 0, got "
+                       f"{self.inner_lr!r}.")
+    if not (isinstance(self.proximal, (int, float)) and self.proximal >= 0):
+      raise ValueError(f"proximal must be a number >= 0, got "
+                       f"{self.proximal!r}.")
 
   def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return MLP(self.widths, rngs)

@@ -95,10 +95,11 @@ def reference_meta_value_and_grad(inner_loss, outer_loss, optimizer, num_steps,
 
 
 def tree_rel_error(a, b) -> float:
-  """||a - b|| / ||b|| over all leaves (norm-wise relative error)."""
+  """||a - b|| / ||b|| over all leaves (norm-wise relative error; integer
+  and bool leaves, such as optimiser counters, as float64)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  la, lb = [np.asarray(x) for x in la], [np.asarray(y) for y in lb]
+  la, lb = ([np.asarray(x, np.float64) for x in leaves] for leaves in (la, lb))
   num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
   den = sum(float(np.sum(y ** 2)) for y in lb)
   return float(np.sqrt(num / den))

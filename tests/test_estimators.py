@@ -8,6 +8,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -209,6 +210,24 @@ def test_implicit_memory_does_not_grow_with_T():
   mixflow_100 = _memory("mixflow", 100)
   assert implicit[1000] <= 1.1 * implicit[10], implicit
   assert implicit[1000] < mixflow_100, (implicit, mixflow_100)
+
+
+def test_implicit_meta_training_where_its_assumption_holds():
+  """iMAML on sinusoid regression where the inner problem is nearly solved
+  (proximal 20, T=20 SGD steps of 0.008: ||grad L(theta_T)|| ~ 0.1, implicit's
+  cosine with the exact gradient 0.9996, README "Which meta-gradient"): 200
+  meta-steps lower the held-out outer loss. Measured (seeds 0, 1, 2): 4.34 ->
+  3.25, 3.43 -> 2.32, 4.69 -> 3.00."""
+  from tasks.sinusoid import SinusoidMAML
+  trainer = BilevelTrainer(
+      SinusoidMAML(widths=(20, 20), inner_lr=0.008, proximal=20.0),
+      strategy=Strategy("implicit", cg_steps=10), num_inner_steps=20,
+      meta_batch_size=4, outer_optimizer=optax.adam(3e-3), seed=0,
+      eval_split="test", num_eval_tasks=100, mesh=P.ONE_DEVICE)
+  result = trainer.fit(200, log_every=100, console=False)
+  before = result.initial_eval["outer_loss"]
+  after = result.final_eval["outer_loss"]
+  assert after < 0.85 * before, (before, after)
 
 
 # ------------------------------------------------------------------- refusals

@@ -423,14 +423,15 @@ def test_meta_training_beats_random_init_on_unseen_classes():
 ESTIMATOR_SETTINGS = {"proximal": 2.0, "inner_lr": 0.05}
 
 
-@pytest.mark.parametrize("strategy", [
-    metaflow.Strategy("implicit", cg_steps=5), "first_order"], ids=str)
-def test_approximate_estimators_beat_their_random_init(strategy):
+def test_first_order_beats_its_random_init():
   """5-way 1-shot digits, the same 200 meta-steps as the mixflow test above.
-  Measured (100 test episodes), from 0.403 at the random init: implicit
-  0.444 (seed 1: 0.426 -> 0.476), first_order 0.528; mixflow at these
-  settings 0.506 (launch.study_estimators)."""
+  Measured (100 test episodes), from 0.403 at the random init: first_order
+  0.528; mixflow at these settings 0.506 (launch.study_estimators).
+  (implicit is not asserted here: at these settings its gain is within the
+  noise of the machine's float32 rounding, 0.403 -> 0.444 on one machine and
+  0.381 on another, with seeds 1 and 2 also below their start; its
+  behaviour test is where its assumption holds, tests/test_estimators.py.)"""
   pytest.importorskip("sklearn")
   before, after, _ = _meta_train(FewShotClassification(**ESTIMATOR_SETTINGS),
-                                 strategy, num_inner_steps=16)
+                                 "first_order", num_inner_steps=16)
   assert after > before + 0.02, (before, after)

@@ -1,6 +1,6 @@
 """`python -m launch.train`: every strategy runs for every built-in task from
-the command line; bad input is one clear line, not a traceback; TensorBoard
-event files with the outer loss are written."""
+the command line (bad input: `tests/test_bad_input.py`); TensorBoard event
+files with the outer loss are written."""
 
 import os
 import subprocess
@@ -74,89 +74,6 @@ def test_language_model_tasks(task, tmp_path):
   assert "held-out outer loss after T=2 inner steps" in done.stdout
   scalars = metrics.read_scalars(tmp_path / "run")
   assert all(np.isfinite(v) for _, v in scalars["train/outer_loss"])
-
-
-def _text_file(tmp_path, name, content: bytes):
-  path = tmp_path / name
-  path.write_bytes(content)
-  return str(path)
-
-
-def _bad_npz(tmp_path):
-  path = tmp_path / "bad.npz"
-  np.savez(path, images=np.zeros((10, 8)), labels=np.zeros((10,), int))
-  return str(path)
-
-
-@pytest.mark.parametrize("make_args, message", [
-    (lambda d: ["--task", "nope", f"--workdir={d}"],
-     "error: unknown task 'nope'; registered tasks: "),
-    (lambda d: [f"--workdir={d}"], "error: --task is required"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--config.no_such_key=1"],
-     "error: unknown config key 'no_such_key' (valid keys of config: "),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--config.task.nope=1"],
-     "error: unknown config key 'task.nope' (valid keys of task: "),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--config.meta_steps=many"],
-     "FATAL Flags parsing error: flag --config.meta_steps=many: invalid "
-     "literal for int()"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--strategy=reverse"], "error: Unknown strategy 'reverse'"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--config.task.num_shots=0"], "error: num_shots"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d / 'file'}"],
-     "is not a directory"),
-    (lambda d: ["--task", "fewshot_classification", f"--workdir={d}",
-                f"--config.task.data_path={d / 'missing.npz'}"],
-     "missing.npz"),
-    (lambda d: ["--task", "fewshot_classification", f"--workdir={d}",
-                f"--config.task.data_path={_bad_npz(d)}"], "error: "),
-    (lambda d: ["--task", "lm_maml", f"--workdir={d}",
-                f"--config.task.data_path={_text_file(d, 'e.txt', b'')}"],
-     "e.txt' is empty."),
-    (lambda d: ["--task", "lm_maml", f"--workdir={d}",
-                f"--config.task.data_path={_text_file(d, 's.txt', b'abc')}"],
-     "has 3 bytes, fewer than one sequence of seq_len + 1 = 129 bytes"),
-    (lambda d: ["--task", "lm_learned_lr", f"--workdir={d}",
-                "--config.task.preset=nano", "--config.task.seq_len=1024"],
-     "error: seq_len 1024 is above the maximum length 128 of model preset "
-     "'nano'"),
-    (lambda d: ["--task", "lm_loss_weighting", f"--workdir={d}",
-                "--config.task.strict_utf8=True",
-                "--config.task.data_path="
-                + _text_file(d, 'b.txt', b'ok' * 2000 + b'\xff')],
-     "is not valid UTF-8 (first invalid byte at offset 4000) and strict_utf8 "
-     "is set"),
-    (lambda d: ["--task", "lm_maml", f"--workdir={d}",
-                "--config.task.preset=huge"],
-     "error: Unknown transformer preset 'huge'; known presets: nano, tiny, "),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--config.mesh.data=3"],
-     "error: mesh data=3 x fsdp=1 needs 3 devices, but there are 1"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--coordinator_address=localhost:1234"],
-     "error: --coordinator_address need(s) --num_processes and --process_id "
-     "as well"),
-    (lambda d: ["--task", "sinusoid_maml", f"--workdir={d}",
-                "--coordinator_address=localhost:1234", "--num_processes=2",
-                "--process_id=2"],
-     "error: --process_id must be in 0 .. 1 for --num_processes=2, got 2."),
-], ids=["unknown-task", "no-task", "unknown-key", "unknown-task-key",
-        "wrong-type", "unknown-strategy", "bad-value", "workdir-is-file",
-        "missing-data-file", "bad-data-shape", "empty-text", "short-text",
-        "seq-len-above-max", "non-utf8-strict", "unknown-preset",
-        "mesh-too-large", "partial-coordinates", "bad-process-id"])
-def test_bad_input_is_one_clear_line(make_args, message, tmp_path):
-  (tmp_path / "file").write_text("not a directory")
-  done = run_train(*make_args(tmp_path))
-  assert done.returncode != 0
-  assert "Traceback" not in done.stderr, done.stderr[-3000:]
-  lines = [l for l in done.stderr.splitlines() if l.strip()]
-  errors = [l for l in lines if l.startswith(("error: ", "FATAL "))]
-  assert len(errors) == 1, done.stderr[-3000:]
-  assert message in errors[0], errors[0]
 
 
 def test_cluster_detection():

@@ -1,7 +1,8 @@
 """Several processes on this machine (`launch.local`: jax.distributed over
 localhost, gloo collectives on CPU): 2 processes x 2 devices meta-train
 exactly like 1 process on 1 device with the same global meta-batch; their
-checkpoint resumes in 1 process; a killed process ends the run at once."""
+checkpoint resumes in 1 process; a killed process ends the run at once; a
+preemption notice to one process stops both at one step."""
 
 import os
 import shutil
@@ -132,23 +133,36 @@ def _alive(pid):
   return True
 
 
+def _start_endless_run(workdir):
+  """launch.local with 2 processes on a run without end (and without
+  periodic checkpoints), once both are training: (launcher, {process id:
+  pid})."""
+  launcher = subprocess.Popen(
+      [*LOCAL, *TRAIN, f"--workdir={workdir}", "--meta_steps=1000000",
+       "--config.checkpoint_every=0", "--config.log_every=100"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and not (workdir / "checkpoints").exists():
+      time.sleep(0.1)  # Created by both processes once they are training.
+    if launcher.poll() is not None:
+      pytest.fail(f"the run ended: {launcher.communicate()}")
+    time.sleep(2)
+    children = {_process_id(pid): pid for pid in _children(launcher.pid)}
+    assert sorted(children) == [0, 1]
+  except BaseException:
+    launcher.kill()
+    raise
+  return launcher, children
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"),
                     reason="reads the process tree from /proc (Linux)")
 def test_killed_process_ends_the_run(tmp_path):
   """SIGKILL of process 1 mid-training: launch.local names it, ends process
   0 (stuck in a collective) and exits non-zero within 60 seconds."""
-  launcher = subprocess.Popen(
-      [*LOCAL, *TRAIN, f"--workdir={tmp_path}", "--meta_steps=1000000",
-       "--config.checkpoint_every=0", "--config.log_every=100"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  launcher, children = _start_endless_run(tmp_path)
   try:
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "checkpoints").exists():
-      time.sleep(0.1)  # Created by both processes once they are training.
-    assert launcher.poll() is None, launcher.communicate()
-    time.sleep(2)
-    children = {_process_id(pid): pid for pid in _children(launcher.pid)}
-    assert sorted(children) == [0, 1]
     os.kill(children[1], signal.SIGKILL)
     killed_at = time.time()
     _, stderr = launcher.communicate(timeout=60)
@@ -181,3 +195,25 @@ def test_language_model_split_over_processes(tmp_path):
   a = checkpointed_state(tmp_path / "two", 4)
   b = checkpointed_state(tmp_path / "one", 4)
   assert P.tree_rel_error(a["eta"], b["eta"]) < 1e-9
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"),
+                    reason="reads the process tree from /proc (Linux)")
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  """A preemption notice (SIGTERM) to process 1 only: through JAX's
+  preemption sync both processes stop after the same meta-step, write one
+  checkpoint there together and exit with status 0."""
+  launcher, children = _start_endless_run(tmp_path)
+  try:
+    os.kill(children[1], signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=120)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
+  steps = ocp.CheckpointManager(str(tmp_path / "checkpoints")).all_steps()
+  assert len(steps) == 1 and steps[0] > 0, steps
+  assert (f"[0] sinusoid_maml: stopped by SIGTERM after meta-step {steps[0]} "
+          "of 1000000" in stdout), stdout[-3000:]
+  state = checkpointed_state(tmp_path, steps[0])
+  assert int(state["step"]) == steps[0]

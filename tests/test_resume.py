@@ -93,43 +93,104 @@ def test_workdir_that_is_a_file(tmp_path):
     make_trainer().fit(1, path, console=False)
 
 
-def _train_cmd(workdir, meta_steps):
+META_STEPS, EVERY = 1000, 50
+
+
+def _train_cmd(workdir, meta_steps=META_STEPS):
   return [sys.executable, "-m", "launch.train", "--task", "sinusoid_maml",
           f"--workdir={workdir}", f"--meta_steps={meta_steps}",
-          "--config.checkpoint_every=100", "--config.meta_batch_size=4",
+          f"--config.checkpoint_every={EVERY}", "--config.meta_batch_size=4",
           "--config.num_eval_tasks=8", "--config.log_every=100"]
 
 
-def _final_state(workdir):
+def _final(workdir):
+  """The latest checkpoint's step, state and data position."""
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step()
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  return step, restored["state"]
+      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  return step, restored["state"], restored["data"]
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
-  meta_steps = 1200
-  killed, straight = tmp_path / "killed", tmp_path / "straight"
-  proc = subprocess.Popen(_train_cmd(killed, meta_steps), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = killed / "checkpoints"
+def _steps(ckpt_dir):
+  """(finalised steps, whether a save is being written)."""
+  names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+  return ({int(d) for d in names if d.isdigit()},
+          any("tmp" in d for d in names))
+
+
+def _interrupt(workdir, signum, during_write, rng):
+  """Launches the run in ``workdir`` and sends ``signum`` once it has
+  finalised a checkpoint beyond those it started with, either while it
+  writes the next one or at a random moment after; returns the process
+  (finished), its stdout and stderr, and the last finalised step it was
+  seen to reach."""
+  ckpt_dir = workdir / "checkpoints"
+  known = _steps(ckpt_dir)[0]
+  proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 240
+  seen = None
   while time.time() < deadline and proc.poll() is None:
-    names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
-    if any(int(d) >= 200 for d in names if d.isdigit()):  # finalised steps
+    done, writing = _steps(ckpt_dir)
+    new = done - known
+    if new and seen is None:
+      seen = max(new)
+      wait_until = time.time() + rng.uniform(0, 0.4)
+    if seen is not None and (writing if during_write
+                             else time.time() >= wait_until):
       break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
-  step_at_kill = ocp.CheckpointManager(str(ckpt_dir)).latest_step()
-  assert step_at_kill is not None and 0 < step_at_kill < meta_steps
-  # Resume the killed run, and run the same config without interruption.
-  for workdir in (killed, straight):
-    done = subprocess.run(_train_cmd(workdir, meta_steps), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-  step_a, state_a = _final_state(killed)
-  step_b, state_b = _final_state(straight)
-  assert step_a == step_b == meta_steps
-  assert_trees_identical(state_a, state_b)
+    time.sleep(0.005)
+  assert proc.poll() is None, "the run ended before it was interrupted"
+  seen = max(_steps(ckpt_dir)[0])
+  proc.send_signal(signum)
+  out, err = proc.communicate(timeout=240)
+  return proc, out, err, seen
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  done = subprocess.run(_train_cmd(workdir), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return _final(workdir)
+
+
+def _finish_and_compare(workdir, straight_run):
+  done = subprocess.run(_train_cmd(workdir), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  step, state, position = _final(workdir)
+  assert step == straight_run[0] == META_STEPS
+  assert_trees_identical(state, straight_run[1])
+  assert position == straight_run[2]
+
+
+def test_sigkill_at_five_moments_then_resume(tmp_path, straight_run):
+  """SIGKILL while a checkpoint is written (three times) and between
+  checkpoints (twice); each relaunch resumes from the last finalised one."""
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    before = _steps(tmp_path / "checkpoints")[0]
+    proc, *_ = _interrupt(tmp_path, signal.SIGKILL, i % 2 == 0, rng)
+    assert proc.returncode == -signal.SIGKILL
+    after = _steps(tmp_path / "checkpoints")[0]
+    assert max(after) > max(before, default=0)
+    assert max(after) < META_STEPS
+  _finish_and_compare(tmp_path, straight_run)
+
+
+def test_sigterm_at_five_moments_loses_no_step(tmp_path, straight_run):
+  """SIGTERM (a preemption notice) while a checkpoint is written and between
+  checkpoints: the run finishes its step, checkpoints it, says so and exits
+  with status 0; the relaunch goes on from exactly there."""
+  rng = np.random.default_rng(1)
+  for i in range(5):
+    proc, out, err, seen = _interrupt(tmp_path, signal.SIGTERM, i % 2 == 0,
+                                      rng)
+    assert proc.returncode == 0, err[-2000:]
+    step = ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step()
+    assert f"stopped by SIGTERM after meta-step {step} of {META_STEPS}" in out
+    assert seen <= step < META_STEPS
+  _finish_and_compare(tmp_path, straight_run)

@@ -291,9 +291,11 @@ def test_lm_sequences_and_parameters_are_split():
     kernel = state.eta["init"]["blocks"]["mlp"]["up"]["kernel"]  # [2, 32, 128]
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp", None)
     assert kernel.addressable_shards[0].data.shape == (2, 8, 128)
-    mu = state.opt_state[0].mu["init"]["blocks"]["mlp"]["up"]["kernel"]
+    adam = state.opt_state.inner_state[0]  # inside optax.apply_if_finite
+    mu = adam.mu["init"]["blocks"]["mlp"]["up"]["kernel"]
     assert mu.sharding.spec == kernel.sharding.spec
     assert state.rng.sharding.is_fully_replicated
+    assert state.opt_state.notfinite_count.sharding.is_fully_replicated
 
 
 @pytest.mark.parametrize("strategy", ["standard", "mixflow"])

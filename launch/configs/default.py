@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100
   config.eval_every = 0             # 0: evaluate at the start and the end only
   config.checkpoint_every = 500     # 0: checkpoint at the end only
+  config.keep_checkpoints = 3       # the most recent checkpoints kept
+  # A meta-step with a non-finite outer loss or meta-gradient is skipped;
+  # this many in a row stop the run (with a checkpoint of the last finite
+  # state).
+  config.max_skipped_steps = 10
   config.num_workers = 0            # Grain worker processes (0: in process)
   # Devices: a (data, fsdp) mesh over every device of every process; -1 for
   # one axis means the rest (metaflow.sharding.make_mesh). Not part of the

@@ -27,13 +27,14 @@ nested dict (the model holds no other state)::
    "head": {"kernel": [width, vocab]}}
 
 Presets (`PRESETS`, `preset`): ``"nano"``, ``"tiny"`` and ``"small"`` (0.8M
-parameters) for tests and quick runs, and the Chinchilla scaling ladder (Hoffmann et al., 2022, Table A9:
-d_model, ffw_size = 4 d_model, kv_size, n_heads, n_layers), named
-``"chinchilla_<N>m"`` after Chinchilla's own parameter counts N (millions),
-which include the embeddings of its ~32k-token vocabulary. With the byte-level
-vocabulary of 256 here the embeddings are tiny, so the actual count is close
-to the non-embedding count ``12 depth width^2``; `num_params` gives the actual
-count of a configuration. Ladder presets allow sequences up to 8192 (the
+parameters) for tests and quick runs, and the Chinchilla scaling ladder
+(Hoffmann et al., 2022, Table A9: d_model, ffw_size = 4 d_model, kv_size,
+n_heads, n_layers), named ``"chinchilla_<N>m"`` after Chinchilla's own
+parameter counts N (millions), which include the embeddings of its ~32k-token
+vocabulary. With the byte-level vocabulary of 256 here the embeddings are
+tiny, so the actual count is close to the non-embedding count
+``12 depth width^2``; `num_params` gives the actual count of a configuration.
+Ladder presets allow sequences up to 8192 (the
 MixFlow-MG paper's longest).
 """
 
