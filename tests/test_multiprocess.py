@@ -112,6 +112,29 @@ def test_two_process_checkpoint_resumes_in_one_process(two_processes,
   np.testing.assert_array_equal(a["rng"], b["rng"])
 
 
+def test_two_processes_fall_back_past_an_unreadable_checkpoint(
+    two_processes, tmp_path):
+  """The newest checkpoint of the 2-process run truncated: relaunched with 2
+  processes, both agree to move it aside and resume from the one before,
+  and reach the same final state."""
+  workdir, _ = two_processes
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  files = [os.path.join(d, f) for d, _, fs in
+           os.walk(copy / "checkpoints" / "20" / "state") for f in fs]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  done = run([*LOCAL, *TRAIN, f"--workdir={copy}"])
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+  assert "Checkpoint 20 in" in done.stdout and "cannot be restored" in (
+      done.stdout)
+  assert (copy / "checkpoints.unreadable" / "20").is_dir()
+  a, b = checkpointed_state(copy, 20), checkpointed_state(workdir, 20)
+  assert P.tree_rel_error(a["eta"], b["eta"]) < 1e-12
+  np.testing.assert_array_equal(a["rng"], b["rng"])
+
+
 def _children(pid):
   path = f"/proc/{pid}/task/{pid}/children"
   with open(path) as f:
