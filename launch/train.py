@@ -220,13 +220,14 @@ def check_config(config) -> None:
   import math
 
   from metaflow.data import SPLITS
+  from metaflow.trainer import _check_ints
   for key, (kind, low) in _SETTINGS.items():
     value = config
     for part in key.split("."):
       value = value[part]
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    if kind == "int" and not (is_int and value >= low):
-      raise ValueError(f"config.{key} must be an int >= {low}, got {value!r}.")
+    if kind == "int":
+      _check_ints(((f"config.{key}", value, low),))
     if kind == "axis" and not (is_int and (value == -1 or value >= 1)):
       raise ValueError(f"config.{key} must be -1 (all the devices left) or "
                        f"an int >= 1, got {value!r}.")
