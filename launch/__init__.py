@@ -1,1 +1,2 @@
-"""Command-line entry points (run from a checkout: ``python -m launch.NAME``)."""
+"""Command-line entry points (run from a checkout:
+``python -m launch.NAME``)."""

@@ -39,7 +39,8 @@ class CommandError(Exception):
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
-def start_backend(host_devices: int = 0, extra_flags: Sequence[str] = ()) -> int:
+def start_backend(host_devices: int = 0,
+                  extra_flags: Sequence[str] = ()) -> int:
   """Starts JAX's backend with ``host_devices`` CPU host devices (0: as
   configured) and ``extra_flags`` added to ``XLA_FLAGS`` (those not already
   set), and returns the device count. XLA reads its flags once, at backend
@@ -164,24 +165,26 @@ def require_train_flags(args: Sequence[str], names: Iterable[str]) -> None:
                        f"--{name}.")
 
 
-def pinned_jax_version(pyproject: str = os.path.join(REPO_ROOT,
-                                                     "pyproject.toml")) -> str:
-  """The ``jax==X`` version pinned in the project's dependencies.
+#: The exact versions verified together (``pip install -c`` uses it).
+CONSTRAINTS = os.path.join(REPO_ROOT, "constraints.txt")
+
+
+def pinned_jax_version(constraints: str = CONSTRAINTS) -> str:
+  """The ``jax==X`` version pinned in the constraints file.
 
   Raises:
-    UsageError: pyproject.toml is missing or pins no exact JAX version.
+    UsageError: the file is missing or pins no exact JAX version.
   """
-  import tomllib
   try:
-    with open(pyproject, "rb") as f:
-      deps = tomllib.load(f).get("project", {}).get("dependencies", [])
-  except (OSError, tomllib.TOMLDecodeError) as e:
-    raise UsageError(f"cannot read {pyproject}: {one_line(e)}") from None
-  for dep in deps:
-    match = re.fullmatch(r"\s*jax\s*==\s*([^\s;,]+)\s*(;.*)?", dep)
+    with open(constraints) as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise UsageError(f"cannot read {constraints}: {one_line(str(e))}") from None
+  for line in lines:
+    match = re.fullmatch(r"\s*jax\s*==\s*([^\s;#]+)\s*(#.*)?", line)
     if match:
       return match.group(1)
-  raise UsageError(f"{pyproject} pins no exact jax version (jax==X).")
+  raise UsageError(f"{constraints} pins no exact jax version (jax==X).")
 
 
 def shell_join(argv: Sequence[str],

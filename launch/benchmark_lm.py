@@ -46,8 +46,13 @@ import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
 from launch import sweep
 from launch._cli import UsageError, start_backend
-from launch.benchmark import (_int_list, _strategy_list, check_common_args,
-                              median_seconds, write_results)
+from launch.benchmark import (
+  _int_list,
+  _strategy_list,
+  check_common_args,
+  median_seconds,
+  write_results,
+)
 from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
@@ -228,13 +233,15 @@ def plot(rows: list[dict], plt):
   fig, ax = plt.subplots(figsize=(3 + 2.4 * len(settings), 4))
   width = 0.8 / len(strategies)
   for i, name in enumerate(strategies):
-    values = [next((r["temp_bytes"] / _MIB for r in rows if r["strategy"] == name
+    values = [next((r["temp_bytes"] / _MIB for r in rows
+                    if r["strategy"] == name
                     and (r["task"], r["T"], r["B"], r["L"]) == s), 0)
               for s in settings]
     ax.bar([j + i * width for j in range(len(settings))], values, width,
            label=name)
   ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
-  ax.set_xticklabels([f"{t}\nT={n} B={b} L={l}" for t, n, b, l in settings],
+  ax.set_xticklabels([f"{t}\nT={n} B={b} L={length}"
+                      for t, n, b, length in settings],
                      fontsize=7)
   ax.set_ylabel("compiled temp memory (MiB)")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

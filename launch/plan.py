@@ -193,6 +193,7 @@ def make_mesh(config: "ml_collections.ConfigDict") -> "jax.sharding.Mesh":
     ValueError: sizes the devices cannot make (with the --host_devices hint).
   """
   import jax
+
   from metaflow import sharding
 
   data, fsdp = config.mesh.data, config.mesh.fsdp
@@ -358,6 +359,7 @@ def plan(argv: Sequence[str]) -> dict:
   start_backend(fv.host_devices, [_FAST_COMPILE_FLAG])
 
   import jax
+
   from metaflow import sharding
 
   task_name, clock = fv.task, _Clock()

@@ -59,9 +59,10 @@ What a user must set up:
 * This repository on a filesystem shared by the login and compute nodes (the
   job ``cd``s to it), and a virtual environment there (``--venv``, relative to
   the repository root) with the CUDA build of JAX, the version pinned in
-  pyproject.toml::
+  constraints.txt::
 
-      python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda12]==0.10.2"
+      python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . \
+          "jax[cuda12]==0.10.2"
 
   (``jax[cuda13]`` for CUDA 13 drivers; ``cuda12-local``/``cuda13-local``
   to use a CUDA installed on the nodes instead of pip's).

@@ -1,6 +1,7 @@
 """Which meta-gradient to use when: exact (mixflow), implicit and first_order.
 
-    python -m launch.study_estimators [--tasks sinusoid_maml,fewshot_classification]
+    python -m launch.study_estimators
+        [--tasks sinusoid_maml,fewshot_classification]
         [--steps 1,5,20,100,1000] [--cg_steps 20] [--meta_steps 200]
         [--budget_s 60] [--out DIR]
 
@@ -24,9 +25,9 @@ address the same bilevel problem; the settings of each part are in
    showing it.
 2. **Equal meta-steps** (float32, the task's settings in `SETTINGS`, with a
    proximal term): each estimator meta-trains for ``--meta_steps`` steps at
-   T = ``--train_steps`` (default: `SETTINGS`'); held-out (test split) outer loss and, for
-   classification, accuracy, against the same adaptation from the initial
-   (random) initialisation.
+   T = ``--train_steps`` (default: `SETTINGS`'); held-out (test split) outer
+   loss and, for classification, accuracy, against the same adaptation from the
+   initial (random) initialisation.
 3. **Equal wall-clock**: the same, for ``--budget_s`` seconds of meta-steps
    each (after compiling).
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -226,7 +227,8 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['vs_exact']['rel_error']:10.2e} "
             f"{r['vs_solution']['cosine']:8.4f} "
             f"{r['vs_solution']['rel_error']:9.2e} "
-            f"{r['inner_grad_norm']:8.1e} {r['temp_bytes'] / 2**20:9.2f} {r['step_s_median'] * 1e3:8.1f}",
+            f"{r['inner_grad_norm']:8.1e} {r['temp_bytes'] / 2**20:9.2f} "
+            f"{r['step_s_median'] * 1e3:8.1f}",
             flush=True)
     rows = train_table(name, None, args.train_steps,
                        args.meta_steps, args.budget_s)

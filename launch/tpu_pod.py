@@ -23,8 +23,8 @@ With ``--setup`` (the default) the project is first installed on every worker:
    --worker=all`` copies it to every worker's home directory;
 3. ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`` unpacks
    it into REMOTE_DIR (over what is there), creates ``REMOTE_DIR/.venv`` with
-   ``--python`` and runs ``.venv/bin/pip install -e . "jax[tpu]==V"``, V being
-   the JAX version pinned in pyproject.toml.
+   ``--python`` and runs ``.venv/bin/pip install -c constraints.txt -e .
+   "jax[tpu]==V"``, V being the JAX version pinned in constraints.txt.
 
 ``--nosetup`` skips these steps (the code and ``.venv`` are already there).
 Every argument is quoted with shlex (a REMOTE_DIR starting with ``~/`` stays
@@ -129,7 +129,8 @@ def setup_commands(tpu: str, zone: str, project: Optional[str],
       f"rm -f ~/{REMOTE_ARCHIVE}",
       f"cd {remote}",
       f"{shlex.quote(python)} -m venv .venv",
-      f".venv/bin/pip install -e . {shlex.quote(f'jax[tpu]=={jax_version}')}",
+      ".venv/bin/pip install -c constraints.txt -e . "
+      f"{shlex.quote(f'jax[tpu]=={jax_version}')}",
   ])
   return [
       ["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"],

@@ -217,28 +217,19 @@ def check_config(config) -> None:
       that is not a positive (non-negative) finite number, an unknown outer
       optimiser or split.
   """
-  import math
-
+  from metaflow._checks import check_axis_size, check_int, check_number
   from metaflow.data import SPLITS
-  from metaflow.trainer import _check_ints
   for key, (kind, low) in _SETTINGS.items():
     value = config
     for part in key.split("."):
       value = value[part]
-    is_int = isinstance(value, int) and not isinstance(value, bool)
+    name = f"config.{key}"
     if kind == "int":
-      _check_ints(((f"config.{key}", value, low),))
-    if kind == "axis" and not (is_int and (value == -1 or value >= 1)):
-      raise ValueError(f"config.{key} must be -1 (all the devices left) or "
-                       f"an int >= 1, got {value!r}.")
-    if kind.startswith("float"):
-      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (value >= low if kind == "float>=" else value > low))
-      if not ok:
-        bound = ">= 0" if kind == "float>=" else "> 0"
-        raise ValueError(f"config.{key} must be a finite number {bound}, got "
-                         f"{value!r}.")
+      check_int(name, value, low)
+    elif kind == "axis":
+      check_axis_size(name, value)
+    else:
+      check_number(name, value, low, strict=kind == "float")
   if config.outer_optimizer not in OUTER_OPTIMIZERS:
     raise ValueError(f"config.outer_optimizer must be one of "
                      f"{', '.join(OUTER_OPTIMIZERS)}, got "
@@ -282,10 +273,9 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
 
   ``mesh``: instead of the config's (``launch.plan`` plans on a part of the
   devices); ``shapes_only``: a trainer for compiled memory only."""
+  from metaflow import sharding
   from metaflow.task import create_task
   from metaflow.trainer import BilevelTrainer
-
-  from metaflow import sharding
 
   check_config(config)
   if mesh is None:
@@ -344,6 +334,7 @@ def main(argv: Sequence[str]) -> None:
                      "setting is a --flag or --config.KEY=VALUE).")
   logging.get_absl_handler().addFilter(_only_our_info_logs)
   import jax
+
   from metaflow import checkpoint, sharding
   from metaflow.trainer import NonFiniteError
 
@@ -382,9 +373,11 @@ def main(argv: Sequence[str]) -> None:
     raise RunError(str(e)) from None
   if result.preempted:
     if jax.process_index() == 0:
+      checkpoints = os.path.join(os.path.abspath(flags.FLAGS.workdir),
+                                 "checkpoints")
       print(f"{task_name}: stopped by {result.preempted} after meta-step "
             f"{int(result.state.step)} of {config.meta_steps}, checkpoint in "
-            f"{os.path.join(os.path.abspath(flags.FLAGS.workdir), 'checkpoints')}"
+            f"{checkpoints}"
             "; run the same command to resume.")
     return
   if jax.process_index() == 0:
@@ -392,7 +385,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"{task_name}: held-out outer loss after T={trainer.num_inner_steps} "
           f"inner steps ({config.num_eval_tasks} {config.eval_split} tasks): "
           f"{before['outer_loss']:.4f} at the initial meta-parameters -> "
-          f"{after['outer_loss']:.4f} after {int(result.state.step)} meta-steps")
+          f"{after['outer_loss']:.4f} after {int(result.state.step)} "
+          "meta-steps")
     for key in sorted(set(after) - {"outer_loss"}):
       print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
 

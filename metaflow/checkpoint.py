@@ -11,14 +11,14 @@ items written atomically together by an ``orbax.checkpoint.CheckpointManager``:
 * ``info``: what the run used that a resumed run may change (the exact
   strategy, e.g. the one ``strategy="auto"`` chose), JSON, not compared.
 
-Resuming restores the first three, so continuing from a checkpoint is bit-identical
-to a run that never stopped. A checkpoint whose fingerprint differs from the
-current run's is refused (`IncompatibleCheckpointError`) instead of mixing two
-runs. Orbax finalises a step directory only after all items are written, so a
-process killed mid-save leaves the previous checkpoint as the latest. A
-finalised checkpoint that later cannot be read (a truncated or deleted array
-file, broken metadata: a disk or a copy gone wrong) is moved aside to
-``checkpoints.unreadable/`` with a warning and the one before it is restored
+Resuming restores the first three, so continuing from a checkpoint is
+bit-identical to a run that never stopped. A checkpoint whose fingerprint
+differs from the current run's is refused (`IncompatibleCheckpointError`)
+instead of mixing two runs. Orbax finalises a step directory only after all
+items are written, so a process killed mid-save leaves the previous checkpoint
+as the latest. A finalised checkpoint that later cannot be read (a truncated or
+deleted array file, broken metadata: a disk or a copy gone wrong) is moved aside
+to ``checkpoints.unreadable/`` with a warning and the one before it is restored
 (`Checkpointer.restore`); the last ``max_to_keep`` are kept for this.
 
 With several processes (``jax.distributed``) every process calls `save` and
@@ -44,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-PyTree = Any
+from metaflow._checks import PyTree
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -10,13 +10,13 @@ checkpointed by the trainer) is all that resuming needs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import grain
 import jax
 import numpy as np
 
-PyTree = Any
+from metaflow._checks import PyTree
 
 #: The splits of a task; meta-train, held-out validation and test episodes.
 SPLITS = ("train", "validation", "test")
@@ -43,7 +43,8 @@ class Seeded:
   split: int
 
   def __call__(self, index: int) -> PyTree:
-    return self.sample(np.random.default_rng([self.seed, self.split, int(index)]))
+    return self.sample(
+        np.random.default_rng([self.seed, self.split, int(index)]))
 
 
 def episodes(sample: Callable[[np.random.Generator], PyTree], seed: int,

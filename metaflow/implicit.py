@@ -11,8 +11,8 @@ differentiating ``grad_theta L(theta*(eta), eta) = 0`` gives
 
     H_tt dtheta*/deta + H_te = 0   =>   dtheta*/deta = -H_tt^{-1} H_te,
 
-where ``H_tt = d^2 L / dtheta^2`` and ``H_te = d(grad_theta L)/deta``. So for the
-cotangent ``v = grad_theta V(theta_T, eta, x_val)`` the meta-gradient is
+where ``H_tt = d^2 L / dtheta^2`` and ``H_te = d(grad_theta L)/deta``. So for
+the cotangent ``v = grad_theta V(theta_T, eta, x_val)`` the meta-gradient is
 
     dV/deta = dV/deta|_direct - H_et u,   with   (H_tt + lambda_d I) u = v,
 
@@ -51,16 +51,16 @@ stream.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.sparse.linalg import cg
 
 from metaflow import mixflow
+from metaflow._checks import PyTree
 from metaflow.strategy import Strategy
 
-PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 
 

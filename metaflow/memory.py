@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional
 import jax
 
 
-
 def format_bytes(n: float) -> str:
   """``1536 -> '1.50 KiB'``: binary units, two decimals."""
   for unit in ("B", "KiB", "MiB", "GiB"):
@@ -73,7 +72,7 @@ class MemoryReport:
 
   def __str__(self) -> str:
     parts = [f"temp {format_bytes(self.temp_bytes)}"]
-    if self.static_bytes is not None:
+    if self.static_bytes is not None and self.dynamic_bytes is not None:
       parts.append(f"(static {format_bytes(self.static_bytes)}, "
                    f"dynamic {format_bytes(self.dynamic_bytes)})")
     parts.append(f"args {format_bytes(self.argument_bytes)}, "

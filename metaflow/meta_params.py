@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-PyTree = Any
+from metaflow._checks import PyTree, check_number
+
 Granularity = Literal["scalar", "tensor", "element"]
 
 
@@ -192,10 +193,7 @@ class MetaParams:
           "MetaParams learns nothing: set learn_init=True, "
           "learning_rate=LearnedLearningRates(...), loss_weights=LossWeights("
           "...) or user={...}.")
-    lam = self.proximal
-    if (isinstance(lam, bool) or not isinstance(lam, (int, float))
-        or not lam >= 0):
-      raise ValueError(f"MetaParams.proximal must be a float >= 0, got {lam!r}.")
+    lam = check_number("MetaParams.proximal", self.proximal)
     if lam and not self.learn_init:
       raise ValueError(
           "MetaParams.proximal pulls theta towards the learned initialisation "
@@ -351,7 +349,7 @@ class Meta:
     """
     w = self.loss_weights(features) if features is not None else None
     if self.spec.loss_weights is not None and self._weighted:
-      if features is None:
+      if w is None:
         raise ValueError("This MetaParams learns loss weights: the task must "
                          "pass features to Meta.weighted_mean.")
       if w.shape != losses.shape:

@@ -45,12 +45,12 @@ each device contributing to every chunk.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from metaflow._checks import PyTree
 
 
 def split(batch: PyTree, num_chunks: int, what: str = "batch") -> PyTree:

@@ -1,4 +1,5 @@
-"""The inner gradient and its differentiation rules (standard, MixFlow-MG, first-order).
+"""The inner gradient and its differentiation rules (standard, MixFlow-MG,
+first-order).
 
 One inner step needs the inner loss and its gradient,
 
@@ -14,11 +15,12 @@ are built on.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import jax
 
-PyTree = Any
+from metaflow._checks import PyTree
+
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 ValueAndGrad = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, PyTree]]
 
@@ -35,7 +37,8 @@ def standard_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
 def gradient_jvp(inner_loss: Loss, argnums: Union[int, tuple[int, ...]]
                  ) -> Callable[[PyTree, PyTree, PyTree, PyTree],
                                tuple[PyTree, PyTree]]:
-  """``(theta, eta, x, v) -> (grad, d grad / d theta . v)``, forward-over-reverse.
+  """``(theta, eta, x, v) -> (grad, d grad / d theta . v)``,
+  forward-over-reverse.
 
   ``grad`` is ``jax.grad(inner_loss, argnums)`` (theta is argument 0, eta 1)
   at ``(theta, eta, x)``; the tangent is its directional derivative along
@@ -77,8 +80,8 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   any pytree; the outputs are a scalar ``L`` and ``g`` shaped like ``theta``.
 
   Derivation of the backward rule. Write ``F(theta, eta) = (L, g)`` with
-  ``g = grad_theta L`` (the batch x is held fixed). Reverse mode asks, for output
-  cotangents ``(c, v)`` (c a scalar, v shaped like theta), for the input
+  ``g = grad_theta L`` (the batch x is held fixed). Reverse mode asks, for
+  output cotangents ``(c, v)`` (c a scalar, v shaped like theta), for the input
   cotangents ``theta_bar = c * grad_theta L + (dg/dtheta)^T v`` and
   ``eta_bar = c * grad_eta L + (dg/deta)^T v``. Here ``dg/dtheta = H_tt`` and
   ``dg/deta = H_te`` are blocks of the Hessian of L. For twice continuously

@@ -16,13 +16,14 @@ own constructors in two ways that matter for meta-learning:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from metaflow._checks import PyTree
+
 LearningRate = Union[float, jax.Array, optax.Schedule, PyTree]
 
 #: Default ``eps_root`` of `adam`: the derivative of ``sqrt(nu + eps_root)`` at
@@ -32,11 +33,13 @@ DEFAULT_EPS_ROOT = 1e-8
 
 
 def _is_scalar(x) -> bool:
-  return isinstance(x, (int, float)) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+  return isinstance(x, (int, float)) or (
+      hasattr(x, "shape") and jnp.ndim(x) == 0)
 
 
 def _scale(updates: PyTree, learning_rate) -> PyTree:
-  """``-learning_rate * updates`` for a scalar or a params-shaped pytree rate."""
+  """``-learning_rate * updates`` for a scalar or a params-shaped pytree
+  rate."""
   if _is_scalar(learning_rate):
     return jax.tree.map(lambda u: (-learning_rate * u).astype(u.dtype), updates)
   try:
@@ -49,7 +52,8 @@ def _scale(updates: PyTree, learning_rate) -> PyTree:
         f"{jax.tree.structure(learning_rate)}.") from e
 
 
-def scale_by_learning_rate(learning_rate: LearningRate) -> optax.GradientTransformation:
+def scale_by_learning_rate(
+    learning_rate: LearningRate) -> optax.GradientTransformation:
   """Multiplies updates by ``-learning_rate``.
 
   Args:
@@ -113,7 +117,8 @@ def adam(learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999,
 NAMES = ("sgd", "momentum", "adam")
 
 
-def create(name: str, learning_rate: LearningRate) -> optax.GradientTransformation:
+def create(name: str,
+           learning_rate: LearningRate) -> optax.GradientTransformation:
   """An inner optimiser by name: ``"sgd"``, ``"momentum"`` (SGD with momentum
   0.9) or ``"adam"`` (with the differentiable default ``eps_root``)."""
   if name == "sgd":
@@ -122,4 +127,5 @@ def create(name: str, learning_rate: LearningRate) -> optax.GradientTransformati
     return sgd(learning_rate, momentum=0.9)
   if name == "adam":
     return adam(learning_rate)
-  raise ValueError(f"Unknown inner optimiser {name!r}; expected one of {NAMES}.")
+  raise ValueError(
+      f"Unknown inner optimiser {name!r}; expected one of {NAMES}.")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
@@ -54,7 +54,7 @@ class Preemption:
 
   def __init__(self):
     self.signal_name: Optional[str] = None
-    self._previous: dict[int, object] = {}
+    self._previous: dict[int, Any] = {}
     self._multiprocess = False
 
   def __enter__(self) -> "Preemption":

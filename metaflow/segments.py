@@ -31,12 +31,13 @@ step is checkpointed as without segments.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from metaflow._checks import PyTree
+
 Step = Callable[[PyTree, PyTree], tuple[PyTree, jax.Array]]
 
 

@@ -46,7 +46,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
+from metaflow._checks import PyTree, check_axis_size
+
 Rules = Sequence[tuple[str, PartitionSpec]]
 
 #: The mesh axis names, in order.
@@ -61,16 +62,9 @@ BATCH_AXES = AXES
 MIN_SHARDED_SIZE = 2**14
 
 
-def _check_axis_size(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < 1 and value != -1):
-    raise ValueError(f"mesh {name} must be an int >= 1 or -1 (the rest of "
-                     f"the devices), got {value!r}.")
-  return int(value)
-
-
 def make_mesh(data: int = -1, fsdp: int = 1, *,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              devices: Optional[Sequence[jax.Device]] = None  # pyright: ignore[reportInvalidTypeForm]
+              ) -> Mesh:
   """The ``(data, fsdp)`` device mesh of a run.
 
   Args:
@@ -87,7 +81,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, *,
     ValueError: sizes that are not ints >= 1 or -1, two -1s, or a product
       that is not the number of devices.
   """
-  data, fsdp = _check_axis_size("data", data), _check_axis_size("fsdp", fsdp)
+  data = check_axis_size("mesh data", data)
+  fsdp = check_axis_size("mesh fsdp", fsdp)
   devices = list(jax.devices() if devices is None else devices)
   count = len(devices)
   if data == -1 and fsdp == -1:
@@ -98,7 +93,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, *,
     if count % known:
       raise ValueError(f"mesh {'fsdp' if data == -1 else 'data'}={known} "
                        f"does not divide the {count} devices.")
-    data, fsdp = (count // known, fsdp) if data == -1 else (data, count // known)
+    data, fsdp = ((count // known, fsdp) if data == -1
+                  else (data, count // known))
   if data * fsdp != count:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} "
                      f"devices, but there are {count}; use -1 for one axis "
@@ -244,9 +240,9 @@ def process_share(mesh: Mesh, size: int) -> tuple[tuple[int, int], ...]:
   merged. The process reads exactly these examples; `global_batch`
   assembles the global array from them."""
   sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  indices = sharding.addressable_devices_indices_map((size,)).values()
   owned = sorted({(s.start or 0, size if s.stop is None else s.stop)
-                  for (s,) in sharding.addressable_devices_indices_map(
-                      (size,)).values()})
+                  for (s,) in (index or (slice(None),) for index in indices)})
   merged = []
   for start, stop in owned:
     if merged and merged[-1][1] >= start:

@@ -1,4 +1,5 @@
-"""Gradient strategies: how the meta-gradient is differentiated through the inner loop.
+"""Gradient strategies: how the meta-gradient is differentiated through the
+inner loop.
 
 A `Strategy` is one switch over the meta-gradient estimators:
 
@@ -46,7 +47,8 @@ and two that lower the floors MixFlow-MG leaves (`metaflow.segments`,
   each batch's leading axis, accumulating: dynamic memory about 1/M, the same
   arithmetic. Choosing it states that L and V are means over that axis.
 
-Strings compose the same choices with ``+``: ``"mixflow+remat+saved_inner_grads"``,
+Strings compose the same choices with ``+``:
+``"mixflow+remat+saved_inner_grads"``,
 ``"mixflow+segments=auto+microbatches=4"``.
 
 With ``mixflow``, remat saves little (the step's residuals are already just its
@@ -61,7 +63,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, cast
+
+from metaflow._checks import check_int, check_number
 
 Mode = Literal["standard", "mixflow", "implicit", "first_order"]
 #: Modes that compute the exact meta-gradient of the T unrolled steps.
@@ -130,15 +134,10 @@ class Strategy:
           f"Strategy(mode={self.mode!r}) composes with nothing: remat and "
           "saved_inner_grads apply to the exact (unrolled) modes only. Valid "
           f"strategy strings: {', '.join(valid_strategy_names())}.")
-    steps = self.cg_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-      raise ValueError(f"Strategy.cg_steps must be an int >= 1, got {steps!r}.")
-    damping = self.cg_damping
-    if (isinstance(damping, bool) or not isinstance(damping, (int, float))
-        or not damping >= 0):
-      raise ValueError(
-          f"Strategy.cg_damping must be a float >= 0, got {damping!r}.")
-    object.__setattr__(self, "cg_damping", float(damping))
+    steps = check_int("Strategy.cg_steps", self.cg_steps)
+    damping = check_number("Strategy.cg_damping", self.cg_damping)
+    object.__setattr__(self, "cg_steps", steps)
+    object.__setattr__(self, "cg_damping", damping)
     default = Strategy.__dataclass_fields__
     if self.mode != "implicit" and (
         steps != default["cg_steps"].default
@@ -151,9 +150,8 @@ class Strategy:
         isinstance(k, bool) or not isinstance(k, int) or k < 1):
       raise ValueError("Strategy.segment_length must be None, an int >= 1 or "
                        f"'auto', got {k!r}.")
-    m = self.microbatches
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-      raise ValueError(f"Strategy.microbatches must be an int >= 1, got {m!r}.")
+    m = check_int("Strategy.microbatches", self.microbatches)
+    object.__setattr__(self, "microbatches", m)
     if self.mode in APPROXIMATE_MODES and (k is not None or m != 1):
       raise ValueError(
           f"Strategy(mode={self.mode!r}) composes with nothing: segments and "
@@ -173,7 +171,7 @@ class Strategy:
       return None
     if k == "auto":
       k = max(1, round(math.sqrt(num_steps)))
-    return min(k, num_steps)
+    return min(int(k), num_steps)
 
   def stored_carries(self, num_steps: int) -> int:
     """How many inner carries ``(theta, s)`` the backward pass holds at its
@@ -249,7 +247,7 @@ class Strategy:
     microbatches = values.get(_MICROBATCHES)
     microbatches = (1 if microbatches is None else
                     _positive_int(spec, _MICROBATCHES, microbatches, valid))
-    return cls(mode=mode, remat=_REMAT in flags,
+    return cls(mode=cast(Mode, mode), remat=_REMAT in flags,
                save_inner_grads=_SAVED in flags,
                segment_length=segment_length, microbatches=microbatches)
 

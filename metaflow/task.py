@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +22,12 @@ import optax
 from flax import nnx
 
 from metaflow import optim
+from metaflow._checks import PyTree
 from metaflow.meta_params import Meta, MetaParams
 from metaflow.strategy import Strategy
 
-PyTree = Any
+if TYPE_CHECKING:  # Grain is imported by the trainer, not by the engine.
+  import grain
 
 
 class Task(abc.ABC):
@@ -106,14 +107,16 @@ class Task(abc.ABC):
     """The inner model, freshly initialised from ``rngs``."""
 
   @abc.abstractmethod
-  def inner_loss(self, model: nnx.Module, meta: Meta, batch: PyTree) -> jax.Array:
+  def inner_loss(self, model: nnx.Module, meta: Meta,
+                 batch: PyTree) -> jax.Array:
     """L: the scalar inner (training) loss of ``model`` on one batch.
 
     Use ``meta.weighted_mean(per_example_losses, features)`` to reduce so that
     learned loss weights (if the `MetaParams` has them) apply.
     """
 
-  def outer_loss(self, model: nnx.Module, meta: Meta, batch: PyTree) -> jax.Array:
+  def outer_loss(self, model: nnx.Module, meta: Meta,
+                 batch: PyTree) -> jax.Array:
     """V: the scalar outer (validation) loss of the adapted model; by default
     the inner loss without loss weighting."""
     return self.inner_loss(model, meta.unweighted(), batch)
@@ -193,9 +196,10 @@ class Task(abc.ABC):
     if (self.supported_strategies is not None
         and strategy.name not in self.supported_strategies):
       raise ValueError(
-          f"Task {self.name or type(self).__name__!r} does not support strategy "
-          f"{strategy.name!r} (supported: {', '.join(self.supported_strategies)})"
-          f": {self.unsupported_reason or 'no reason given'}")
+          f"Task {self.name or type(self).__name__!r} does not support "
+          f"strategy {strategy.name!r} (supported: "
+          f"{', '.join(self.supported_strategies)}): "
+          f"{self.unsupported_reason or 'no reason given'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +282,8 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
   """Class decorator: registers a `Task` subclass under ``name``."""
   def wrap(cls: type[Task]) -> type[Task]:
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-      raise TypeError(f"register({name!r}) expects a Task subclass, got {cls!r}.")
+      raise TypeError(
+          f"register({name!r}) expects a Task subclass, got {cls!r}.")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
       raise ValueError(f"A different task is already registered as {name!r}: "
                        f"{_REGISTRY[name].__module__}.{_REGISTRY[name].__name__}.")

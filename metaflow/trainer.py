@@ -37,30 +37,29 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union, cast
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 from clu import metrics as clu_metrics
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from metaflow import checkpoint as checkpoint_lib
-from metaflow import data
-from metaflow import memory
+from metaflow import data, memory, mixflow, planner, sharding
 from metaflow import metrics as metrics_lib
-from metaflow import mixflow, planner, sharding
 from metaflow import preemption as preemption_lib
-from metaflow.task import Functional, Task
+from metaflow._checks import PyTree, check_int
 from metaflow.strategy import Strategy
-from metaflow.unroll import (check_num_steps, inner_loop,
-                             meta_value_and_grad_with_aux)
-
-PyTree = Any
+from metaflow.task import Functional, Task
+from metaflow.unroll import (
+  check_num_steps,
+  inner_loop,
+  meta_value_and_grad_with_aux,
+)
 
 
 class TrainState(NamedTuple):
@@ -76,10 +75,12 @@ class TrainState(NamedTuple):
       outer optimiser's own).
     rng: uint32[2] PRNG key (split once per meta-step).
   """
-  step: jax.Array
-  eta: dict
+  # PyTree: the same structure also holds shapes (jax.eval_shape) and
+  # shardings (`BilevelTrainer.state_shardings`).
+  step: PyTree
+  eta: PyTree
   opt_state: PyTree
-  rng: jax.Array
+  rng: PyTree
 
 
 class FitResult(NamedTuple):
@@ -111,22 +112,16 @@ class NonFiniteError(RuntimeError):
 _NEVER_APPLY = 2**31 - 2
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   """Meta-training metrics, averaged over the applied meta-steps of a logging
   interval (the model output ``mask`` leaves the skipped, non-finite ones
   out)."""
-  outer_loss: clu_metrics.Average.from_output("outer_loss")
-  inner_loss_first: clu_metrics.Average.from_output("inner_loss_first")
-  inner_loss_last: clu_metrics.Average.from_output("inner_loss_last")
-  meta_grad_norm: clu_metrics.Average.from_output("meta_grad_norm")
-
-
-def _check_ints(settings) -> None:
-  """ValueError unless each ``(name, value, low)`` has an int ``value >= low``."""
-  for name, value, low in settings:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+  # clu's idiom: a metric's class is the field's annotation.
+  outer_loss: clu_metrics.Average.from_output("outer_loss")  # pyright: ignore[reportInvalidTypeForm]
+  inner_loss_first: clu_metrics.Average.from_output("inner_loss_first")  # pyright: ignore[reportInvalidTypeForm]
+  inner_loss_last: clu_metrics.Average.from_output("inner_loss_last")  # pyright: ignore[reportInvalidTypeForm]
+  meta_grad_norm: clu_metrics.Average.from_output("meta_grad_norm")  # pyright: ignore[reportInvalidTypeForm]
 
 
 def _shapes(tree: PyTree) -> dict[str, str]:
@@ -177,7 +172,8 @@ class BilevelTrainer:
                memory_budget: Union[None, str, int] = None,
                shapes_only: bool = False):
     if not isinstance(task, Task):
-      raise TypeError(f"task must be a metaflow.Task, got {type(task).__name__}.")
+      raise TypeError(
+          f"task must be a metaflow.Task, got {type(task).__name__}.")
     self.task = task
     auto = isinstance(strategy, str) and strategy.strip().lower() == "auto"
     if auto and memory_budget is None:
@@ -186,7 +182,8 @@ class BilevelTrainer:
     if memory_budget is not None and not auto:
       raise ValueError("memory_budget applies to strategy='auto' only (got "
                        f"strategy={strategy!r}).")
-    budget = planner.parse_bytes(memory_budget) if auto else None
+    budget = (None if memory_budget is None
+              else planner.parse_bytes(memory_budget))
     self.shapes_only = bool(shapes_only)
     # "auto" is resolved below, once the meta-gradient can be compiled; every
     # candidate is exact MixFlow-MG, checked here as plain "mixflow".
@@ -199,15 +196,18 @@ class BilevelTrainer:
       raise TypeError(
           f"Task {task.name or type(task).__name__!r} must implement "
           "dataset(split, seed) or episodes(split, seed, num_inner_steps).")
-    _check_ints((("meta_batch_size", meta_batch_size, 1),
-                 ("num_eval_tasks", num_eval_tasks, 1),
-                 ("num_workers", num_workers, 0), ("seed", seed, 0)))
+    for name, value, low in (("meta_batch_size", meta_batch_size, 1),
+                             ("num_eval_tasks", num_eval_tasks, 1),
+                             ("num_workers", num_workers, 0),
+                             ("seed", seed, 0)):
+      check_int(name, value, low)
     data.check_split(eval_split)
     if outer_optimizer is None:
       outer_optimizer = optax.adam(1e-3)
     if not isinstance(outer_optimizer, optax.GradientTransformation):
-      raise TypeError("outer_optimizer must be an optax.GradientTransformation, "
-                      f"got {type(outer_optimizer).__name__}.")
+      raise TypeError(
+          "outer_optimizer must be an optax.GradientTransformation, got "
+          f"{type(outer_optimizer).__name__}.")
     self.meta_batch_size = meta_batch_size
     self.outer_optimizer = outer_optimizer
     # A meta-step whose outer loss or meta-gradient is not finite is not
@@ -254,7 +254,7 @@ class BilevelTrainer:
     self.state_shardings = self._state_shardings()
     #: With strategy="auto": the `planner.Candidate`s compiled, in order.
     self.auto_table: Optional[list] = None
-    if auto:
+    if budget is not None:
       self._choose_strategy(budget)
     self._init = jax.jit(self._initial_state,
                          out_shardings=self.state_shardings)
@@ -378,9 +378,9 @@ class BilevelTrainer:
                          f"episodes' structure: {e}") from None
     else:
       axes = jax.tree.map(lambda _: 0, self._batch_shapes)
-    sizes = {x.shape[axis] if 0 <= axis < x.ndim else None for x, axis in
+    sizes = {x.shape[axis] if 0 <= axis < x.ndim else -1 for x, axis in
              zip(jax.tree.leaves(self._batch_shapes), jax.tree.leaves(axes))}
-    if len(sizes) != 1 or None in sizes:
+    if len(sizes) != 1 or -1 in sizes:
       raise ValueError(f"Task {name!r}: its episodes' example axes "
                        f"{self.task.example_axes!r} must exist and have one "
                        f"size in every leaf; found sizes {sizes}.")
@@ -654,15 +654,16 @@ class BilevelTrainer:
         lambda g: jnp.where(jnp.isfinite(outer_loss), g, jnp.nan), meta_grads)
     updates, opt_state = self._outer.update(meta_grads, state.opt_state,
                                             state.eta)
+    finite_state = cast(optax.ApplyIfFiniteState, opt_state)
     eta = optax.apply_updates(state.eta, updates)
     step_metrics = {
         "outer_loss": outer_loss,
         "inner_loss_first": jnp.mean(aux.inner_losses[:, 0]),
         "inner_loss_last": jnp.mean(aux.inner_losses[:, -1]),
         "meta_grad_norm": optax.tree.norm(meta_grads),
-        "mask": opt_state.last_finite,
-        "skipped_steps": opt_state.total_notfinite,
-        "consecutive_skips": opt_state.notfinite_count,
+        "mask": finite_state.last_finite,
+        "skipped_steps": finite_state.total_notfinite,
+        "consecutive_skips": finite_state.notfinite_count,
     }
     return TrainState(state.step + 1, eta, opt_state, rng), step_metrics
 
@@ -743,8 +744,8 @@ class BilevelTrainer:
     three here, and once in CI): gdb showed one device's half of a
     meta-step's all-reduce blocked on a semaphore in XLA's CPU executable
     launch while later launches waited for that step's outputs, and the other
-    process waiting for the missing half. With one step ahead the host still prepares the
-    next batch while the device computes.
+    process waiting for the missing half. With one step ahead the host still
+    prepares the next batch while the device computes.
     """
     def summarise(rows):
       stacked = jax.tree.map(lambda *v: jnp.stack(v), *rows)
@@ -752,7 +753,8 @@ class BilevelTrainer:
       return {**means, "skipped_steps": rows[-1]["skipped_steps"]}
     return jax.jit(summarise, out_shardings=self._replicated)
 
-  def fit(self, num_meta_steps: int, workdir: Optional[str | os.PathLike] = None,
+  def fit(self, num_meta_steps: int,
+          workdir: Optional[str | os.PathLike] = None,
           *, log_every: int = 50, eval_every: int = 0,
           checkpoint_every: int = 0, keep_checkpoints: int = 3,
           max_skipped_steps: int = 10,
@@ -788,11 +790,13 @@ class BilevelTrainer:
         launch config), stored in the checkpoint.
       console: also print metric rows (through absl logging).
     """
-    _check_ints((("num_meta_steps", num_meta_steps, 0),
-                 ("log_every", log_every, 1), ("eval_every", eval_every, 0),
-                 ("checkpoint_every", checkpoint_every, 0),
-                 ("keep_checkpoints", keep_checkpoints, 1),
-                 ("max_skipped_steps", max_skipped_steps, 1)))
+    for name, value, low in (("num_meta_steps", num_meta_steps, 0),
+                             ("log_every", log_every, 1),
+                             ("eval_every", eval_every, 0),
+                             ("checkpoint_every", checkpoint_every, 0),
+                             ("keep_checkpoints", keep_checkpoints, 1),
+                             ("max_skipped_steps", max_skipped_steps, 1)):
+      check_int(name, value, low)
     state = self.init_state()
     eta_initial = state.eta
     batches = self.train_batches()

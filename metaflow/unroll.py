@@ -9,8 +9,8 @@ meta-parameters eta, inner batches x_t, T inner steps, inner loss L and outer
 
 and the meta-objective is ``V(theta_T, eta, x_val)``, differentiated with
 respect to eta through all T steps (truncated back-propagation through time).
-The loop is a ``jax.lax.scan`` whose carry is ``(theta, s)``: the optimiser state
-is part of the carry and the gradient is an explicit argument of Phi (the
+The loop is a ``jax.lax.scan`` whose carry is ``(theta, s)``: the optimiser
+state is part of the carry and the gradient is an explicit argument of Phi (the
 paper's reparameterisation), so compile time does not grow with T.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -27,9 +26,9 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 
 from metaflow import implicit, microbatch, mixflow, segments
+from metaflow._checks import PyTree, check_int
 from metaflow.strategy import INNER_GRAD_NAME, Strategy
 
-PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 OptimizerSpec = Union[optax.GradientTransformation,
                       Callable[[PyTree], optax.GradientTransformation]]
@@ -78,14 +77,9 @@ def _tree_bytes(tree: PyTree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def check_num_steps(num_steps) -> int:
-  """``num_steps`` (T) as an int; TypeError/ValueError unless an int >= 1."""
-  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-    raise TypeError(f"num_steps (T) must be an int, got {num_steps!r}.")
-  num_steps = int(num_steps)
-  if num_steps < 1:
-    raise ValueError(f"num_steps (T) must be >= 1, got {num_steps}.")
-  return num_steps
+def check_num_steps(num_steps: Any) -> int:
+  """``num_steps`` (T) as an int; ValueError unless an int >= 1."""
+  return check_int("num_steps (T)", num_steps)
 
 
 def _check_leading_axis(inner_batches: PyTree, num_steps: int) -> None:
@@ -230,14 +224,16 @@ class MetaGradient:
     return value, meta_grads
 
   def carry_bytes(self, eta, theta0) -> int:
-    """Bytes of one inner-loop carry ``(theta, s)`` (shapes only, no compute)."""
+    """Bytes of one inner-loop carry ``(theta, s)`` (shapes only, no
+    compute)."""
     def carry(eta, theta0):
       if self.init_params is not None:
         theta0 = self.init_params(eta)
       return theta0, _as_optimizer_fn(self.optimizer)(eta).init(theta0)
     return _tree_bytes(jax.eval_shape(carry, eta, theta0))
 
-  def static_bytes(self, eta, theta0, inner_batches=None, outer_batch=None) -> int:
+  def static_bytes(self, eta, theta0, inner_batches=None,
+                   outer_batch=None) -> int:
     """The paper's static memory: the stored copies of ``(theta, s)``, T of
     them (ceil(T/K) + K with segments of K, `Strategy.stored_carries`); for
     ``implicit``, which stores nothing of the loop, the one theta_T that
@@ -285,7 +281,8 @@ def meta_value_and_grad(
     ValueError: unknown strategy, ``T < 1``; when called, a leading axis of
       ``inner_batches`` different from T, or a loss that is not a scalar.
   """
-  return MetaGradient(inner_loss, outer_loss, optimizer, num_steps, strategy,
+  return MetaGradient(inner_loss, outer_loss, optimizer, num_steps,
+                      Strategy.parse(strategy),
                       init_params, has_aux=False)
 
 

@@ -57,6 +57,7 @@ import optax
 from flax import nnx
 
 from metaflow import data
+from metaflow._checks import check_int, check_number
 from metaflow.meta_params import LearnedLearningRates, Meta, MetaParams
 from metaflow.task import Task, register
 
@@ -327,13 +328,6 @@ class ConvNet(nnx.Module):
 
 
 # --------------------------------------------------------------------- task
-def _positive_int(name: str, value: Any, low: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-      or value < low:
-    raise ValueError(f"fewshot {name} must be an int >= {low}, got {value!r}.")
-  return int(value)
-
-
 def _class_tuple(name: str, value: Any) -> tuple[int, ...]:
   try:
     classes = tuple(value)
@@ -399,12 +393,10 @@ class FewShotClassification(Task):
   def __post_init__(self):
     for name, low in (("num_ways", 2), ("num_shots", 1), ("num_query", 1),
                       ("channels", 1), ("num_blocks", 1)):
-      object.__setattr__(self, name, _positive_int(name, getattr(self, name),
-                                                   low))
-    if isinstance(self.inner_lr, bool) or not isinstance(
-        self.inner_lr, (int, float)) or not self.inner_lr > 0:
-      raise ValueError(f"fewshot inner_lr must be a positive float, got "
-                       f"{self.inner_lr!r}.")
+      object.__setattr__(self, name, check_int(f"fewshot {name}",
+                                              getattr(self, name), low))
+    object.__setattr__(self, "inner_lr", check_number(
+        "fewshot inner_lr", self.inner_lr, strict=True))
     if self.lr_granularity not in _GRANULARITIES:
       raise ValueError(f"fewshot lr_granularity must be one of "
                        f"{_GRANULARITIES}, got {self.lr_granularity!r}.")

@@ -21,12 +21,14 @@ import numpy as np
 from flax import nnx
 
 from metaflow import data
+from metaflow._checks import check_int, check_number
 from metaflow.meta_params import LearnedLearningRates, Meta, MetaParams
 from metaflow.task import Task, register
 
 
 class MLP(nnx.Module):
-  """``[N, 1] -> [N, 1]``: Linear-ReLU blocks of the given widths, then linear."""
+  """``[N, 1] -> [N, 1]``: Linear-ReLU blocks of the given widths, then
+  linear."""
 
   def __init__(self, widths: tuple[int, ...], rngs: nnx.Rngs):
     sizes = (1,) + tuple(widths)
@@ -83,21 +85,14 @@ class SinusoidMAML(Task):
   proximal: float = 0.0
 
   def __post_init__(self):
-    if self.num_shots < 1 or self.num_query < 1:
-      raise ValueError("num_shots and num_query must be >= 1, got "
-                       f"{self.num_shots} and {self.num_query}.")
-    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
-               and w >= 1 for w in self.widths):
-      raise ValueError(f"widths must be ints >= 1, got {self.widths!r}.")
-    object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-    if isinstance(self.inner_lr, bool) or not (
-        isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0
-        and math.isfinite(self.inner_lr)):
-      raise ValueError(f"inner_lr must be a finite number > 0, got "
-                       f"{self.inner_lr!r}.")
-    if not (isinstance(self.proximal, (int, float)) and self.proximal >= 0):
-      raise ValueError(f"proximal must be a number >= 0, got "
-                       f"{self.proximal!r}.")
+    for name in ("num_shots", "num_query"):
+      object.__setattr__(self, name, check_int(name, getattr(self, name)))
+    object.__setattr__(self, "widths", tuple(
+        check_int("widths", w) for w in self.widths))
+    object.__setattr__(self, "inner_lr", check_number(
+        "inner_lr", self.inner_lr, strict=True))
+    object.__setattr__(self, "proximal", check_number("proximal",
+                                                      self.proximal))
 
   def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return MLP(self.widths, rngs)

@@ -2,7 +2,6 @@
 meta-gradient equal to that strategy's, the one-line error when nothing fits,
 the choice recorded in the checkpoint; `metaflow.planner`'s parsing."""
 
-import jax
 import numpy as np
 import pytest
 

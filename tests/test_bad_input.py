@@ -127,8 +127,8 @@ CASES = [
     ("unknown-eval-split", lambda d: SINUSOID + ["--config.eval_split=dev"],
      "error: config.eval_split must be one of train, validation, test"),
     ("zero-mesh-axis", lambda d: SINUSOID + ["--config.mesh.fsdp=0"],
-     "error: config.mesh.fsdp must be -1 (all the devices left) or an int "
-     ">= 1, got 0."),
+     "error: config.mesh.fsdp must be an int >= 1 or -1 (the rest of the "
+     "devices), got 0."),
     ("mesh-too-large", lambda d: SINUSOID + ["--config.mesh.data=1000"],
      "error: mesh data=1000 x fsdp=1 needs 1000 devices, but there are "),
     ("partial-coordinates", lambda d: SINUSOID
@@ -145,11 +145,11 @@ CASES = [
     ("negative-inner-lr", lambda d: SINUSOID + ["--config.task.inner_lr=-0.1"],
      "error: inner_lr must be a finite number > 0, got -0.1."),
     ("zero-width", lambda d: SINUSOID + ["--config.task.widths=(0,)"],
-     "error: widths must be ints >= 1, got (0,)."),
+     "error: widths must be an int >= 1, got 0."),
     ("negative-proximal", lambda d: SINUSOID + ["--config.task.proximal=-1.0"],
-     "error: proximal must be a number >= 0"),
+     "error: proximal must be a finite number >= 0"),
     ("fewshot-zero-lr", lambda d: FEWSHOT + ["--config.task.inner_lr=0.0"],
-     "error: fewshot inner_lr must be a positive float"),
+     "error: fewshot inner_lr must be a finite number > 0, got 0.0."),
     ("fewshot-ways-above-classes", lambda d: FEWSHOT
      + ["--config.task.num_ways=50"], "-way episodes need at least 50"),
     ("lm-zero-batch", lambda d: LM + ["--config.task.batch_size=0"],
@@ -240,8 +240,8 @@ def test_bad_input_is_one_clear_line(make_args, message, tmp_path, capfd):
   err = capfd.readouterr().err
   assert code not in (0, None), err[-3000:]
   assert "Traceback" not in err, err[-3000:]
-  errors = [l for l in err.splitlines()
-            if l.startswith(("error: ", "FATAL "))]
+  errors = [line for line in err.splitlines()
+            if line.startswith(("error: ", "FATAL "))]
   assert len(errors) == 1, err[-3000:]
   assert message in errors[0], errors[0]
   print(f"{seconds:.2f} s")  # shown with -s; nothing compiled

@@ -17,7 +17,8 @@ def test_deterministic_and_random_access():
   np.testing.assert_array_equal(a[17]["support"]["x"], b[17]["support"]["x"])
   assert not np.array_equal(a[17]["support"]["x"], a[18]["support"]["x"])
   other_seed = data.episodes(SAMPLER, seed=2, split="train")
-  assert not np.array_equal(a[17]["support"]["x"], other_seed[17]["support"]["x"])
+  assert not np.array_equal(a[17]["support"]["x"],
+                            other_seed[17]["support"]["x"])
 
 
 def test_splits_are_independent_streams():

@@ -13,8 +13,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import metaflow
-from metaflow import BilevelTrainer, MetaParams, Strategy, optim
 import tasks  # noqa: F401  (registers the built-in tasks)
+from metaflow import BilevelTrainer, MetaParams, Strategy, optim
 from tests import problems as P
 from tests.test_trainer import Regression, reference_value_and_grad
 
@@ -294,7 +294,8 @@ def test_proximal_validation():
   with pytest.raises(ValueError, match="needs learn_init=True"):
     MetaParams(learning_rate=metaflow.LearnedLearningRates(), proximal=1.0)
   for bad in (-1.0, float("nan"), "1"):
-    with pytest.raises(ValueError, match="proximal must be a float >= 0"):
+    with pytest.raises(ValueError,
+                       match="proximal must be a finite number >= 0"):
       MetaParams(learn_init=True, proximal=bad)
   spec = MetaParams(learn_init=True, proximal=2.0)
   theta, eta = {"a": jnp.ones(3)}, {"init": {"a": jnp.zeros(3)}}

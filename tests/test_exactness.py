@@ -1,4 +1,5 @@
-"""Every strategy's meta-gradient equals a plain reference (Python loop of jax.grad).
+"""Every strategy's meta-gradient equals a plain reference (Python loop of
+jax.grad).
 
 The full matrix (6 strategies x 3 optimisers x 3 meta-parameter kinds x
 T in {1, 2, 4} x {float32, float64}) compiles all strategies of one case and the
@@ -20,8 +21,6 @@ from flax import nnx
 import metaflow
 from tests import problems as P
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 F64_TOL, F32_TOL = 1e-10, 1e-5
 # Hardest float32 case: loss weights under ONE Adam step. Adam's first update
 # g/sqrt(g^2 + eps_root) is nearly scale-invariant, so the meta-gradient is an
@@ -49,7 +48,7 @@ def _errors(kind, opt_name, num_steps, dtype):
 
   args = (eta, theta0, inner_batches, outer_batch)
   (ref_value, ref_grads), ours = jax.jit(everything).lower(*args).compile(
-      compiler_options=FAST_COMPILE)(*args)
+      compiler_options=P.FAST_COMPILE)(*args)
   # Not a vacuous comparison. (Smallest case: loss weights under one Adam
   # step, whose first update g/|g| is scale-invariant: ~1e-4, set by eps.)
   assert jnp.linalg.norm(jnp.concatenate(
@@ -102,7 +101,8 @@ def test_mixflow_vjp_matches_reverse_over_reverse(x64):
   def pullback(value_and_grad):
     out, vjp = jax.vjp(value_and_grad, theta0, eta, batch)
     return out, vjp((c, v))
-  (out_m, (th_m, eta_m, _)) = pullback(metaflow.mixflow_value_and_grad(inner_loss))
+  (out_m, (th_m, eta_m, _)) = pullback(
+      metaflow.mixflow_value_and_grad(inner_loss))
   (out_s, (th_s, eta_s, _)) = pullback(jax.value_and_grad(inner_loss))
   chex.assert_trees_all_close(out_m, out_s, rtol=1e-14)
   chex.assert_trees_all_close(th_m, th_s, rtol=1e-12, atol=1e-14)
@@ -143,7 +143,8 @@ def test_nnx_state_meta_params(strategy, x64):
   assert P.tree_rel_error(grads, ref_grads) < F64_TOL
 
 
-@pytest.mark.parametrize("strategy", ["standard", "mixflow+remat+saved_inner_grads"])
+@pytest.mark.parametrize("strategy",
+                         ["standard", "mixflow+remat+saved_inner_grads"])
 def test_vmap_over_meta_batch(strategy):
   """A meta-batch of tasks sharing eta: vmap equals a loop over tasks."""
   num_tasks, num_steps = 3, 2
@@ -206,7 +207,8 @@ def test_inner_adam_is_finite_where_optax_default_is_not(strategy):
   assert not bool(jnp.all(jnp.isfinite(unsafe)))
 
 
-@pytest.mark.parametrize("strategy", ["standard", "mixflow+remat+saved_inner_grads"])
+@pytest.mark.parametrize("strategy",
+                         ["standard", "mixflow+remat+saved_inner_grads"])
 def test_program_size_does_not_grow_with_T(strategy):
   """The inner loop is one scan: the traced program is the same for any T."""
   def program_size(num_steps):
@@ -219,7 +221,8 @@ def test_program_size_does_not_grow_with_T(strategy):
 
 
 def _count_equations(jaxpr) -> int:
-  """Equations of a (closed) jaxpr, those of nested jaxprs (scan bodies) included."""
+  """Equations of a (closed) jaxpr, those of nested jaxprs (scan bodies)
+  included."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = len(jaxpr.eqns)
   for eqn in jaxpr.eqns:

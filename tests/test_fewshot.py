@@ -19,6 +19,7 @@ import metaflow
 from metaflow.meta_params import LossWeights, MetaParams
 from tasks import fewshot
 from tasks.fewshot import EpisodeSampler, FewShotClassification
+from tests import problems as P
 from tests.problems import ONE_DEVICE
 
 NUM_CLASSES, PER_CLASS, SIZE = 12, 20, 6
@@ -303,7 +304,8 @@ GOOD_LABELS = np.repeat(np.arange(10), 16)
     (lambda d: dict(num_ways=1), ValueError, "num_ways must be an int >= 2"),
     (lambda d: dict(num_shots=0), ValueError, "num_shots must be an int >= 1"),
     (lambda d: dict(num_query=2.5), ValueError, "num_query must be an int"),
-    (lambda d: dict(inner_lr=0.0), ValueError, "inner_lr must be a positive"),
+    (lambda d: dict(inner_lr=0.0), ValueError,
+     "inner_lr must be a finite number > 0"),
     (lambda d: dict(lr_granularity="row"), ValueError, "lr_granularity"),
 ], ids=["missing-file", "directory", "not-npz", "npy-not-npz", "missing-key",
         "images-2d", "images-5d", "labels-2d", "length-mismatch",
@@ -415,6 +417,22 @@ def test_meta_training_beats_random_init_on_unseen_classes():
   assert after > before + 0.1, (before, after)
   assert after > 0.2 + 0.15, after
   assert result.final_eval["outer_loss"] < result.initial_eval["outer_loss"]
+
+
+def test_every_exact_strategy_matches_standard(x64):
+  """float64, the small network of the command-line runs (conv blocks with
+  batch statistics): every exact strategy's value and meta-gradient equal
+  standard's, all compiled in one program."""
+  pytest.importorskip("sklearn")
+  task = FewShotClassification(channels=4, num_blocks=1)
+  trainers = [metaflow.BilevelTrainer(task, strategy=s, num_inner_steps=2,
+                                      meta_batch_size=1, mesh=ONE_DEVICE)
+              for s in metaflow.exact_strategies()]
+  errors = P.trainer_strategy_errors(trainers)
+  assert set(errors) == set(metaflow.exact_strategy_names()) - {"standard"}
+  for strategy, (value_error, grad_error) in errors.items():
+    assert value_error < 1e-12, (strategy, value_error)
+    assert grad_error < 1e-9, (strategy, grad_error)
 
 
 # Where iMAML's assumption is closer to holding than at the defaults (5 SGD

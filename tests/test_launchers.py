@@ -279,7 +279,8 @@ def test_tpu_pod_dry_run(capsys):
       f"gcloud compute tpus tpu-vm ssh pod-1 {where} --command 'mkdir -p "
       "~/metaflow && tar -xzf ~/metaflow-src.tar.gz -C ~/metaflow && rm -f "
       "~/metaflow-src.tar.gz && cd ~/metaflow && python3 -m venv .venv && "
-      ".venv/bin/pip install -e . '\"'\"'jax[tpu]==0.10.2'\"'\"''",
+      ".venv/bin/pip install -c constraints.txt -e . "
+      "'\"'\"'jax[tpu]==0.10.2'\"'\"''",
       f"gcloud compute tpus tpu-vm ssh pod-1 {where} --command {REMOTE_TRAIN}",
   ]
   with pytest.raises(SystemExit):

@@ -18,8 +18,6 @@ from tests import problems as P
 from tests.test_resume import assert_trees_identical, next_batch_after
 
 LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 
 
 def _trainer(name, strategy="mixflow", num_steps=2, meta_batch_size=1,
@@ -32,34 +30,10 @@ def _trainer(name, strategy="mixflow", num_steps=2, meta_batch_size=1,
 
 
 def _strategy_errors(name, **settings):
-  """Relative errors of every strategy's (value, meta-gradient) against
-  standard's, all compiled in one program (default float dtype)."""
-  trainers = [_trainer(name, s, **settings) for s in metaflow.exact_strategies()]
-  assert trainers[0].strategy.name == "standard"
-  first = trainers[0]
-  # Perturb eta so that nothing is at a special point (the rater's score
-  # layer starts at zero, which zeroes the gradient of its other layers).
-  leaves, tree = jax.tree.flatten(first.init_state().eta)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  eta = jax.tree.unflatten(tree, [
-      x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-      for x, k in zip(leaves, keys)])
-  batch = data.take(first.task.episodes("train", 0, first.num_inner_steps), 1)
-
-  def everything(eta, batch, theta):
-    return [t._value_and_grad(eta, batch, theta) for t in trainers]
-
-  args = (eta, batch, first.theta_init)
-  results = jax.jit(everything).lower(*args).compile(
-      compiler_options=FAST_COMPILE)(*args)
-  (ref_value, _), ref_grads = results[0]
-  assert np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(
-      ref_grads))) > 1e-6, "degenerate case: the meta-gradient is ~0"
-  for leaf in jax.tree.leaves(ref_grads):
-    assert float(jnp.max(jnp.abs(leaf))) > 0, "a meta-parameter gets no gradient"
-  return {t.strategy.name: (abs(float(v - ref_value)) / abs(float(ref_value)),
-                            P.tree_rel_error(g, ref_grads))
-          for t, ((v, _), g) in zip(trainers[1:], results[1:])}
+  """Every exact strategy against standard (`problems.trainer_strategy_errors`,
+  default float dtype)."""
+  return P.trainer_strategy_errors(
+      [_trainer(name, s, **settings) for s in metaflow.exact_strategies()])
 
 
 @pytest.mark.parametrize("name", LM_TASKS)

@@ -98,7 +98,8 @@ def test_packing_and_parts_in_order_across_two_files(two_files):
     assert all(len(r) == W for r in got)
     everything += got
   # Disjoint and covering: every sequence of both files exactly once.
-  all_sequences = [seq(a, k) for k in range(20)] + [seq(b, k) for k in range(40)]
+  all_sequences = ([seq(a, k) for k in range(20)]
+                   + [seq(b, k) for k in range(40)])
   assert sorted(everything) == sorted(all_sequences)
   assert len(set(everything)) == 60 == corpus.num_sequences()
   assert corpus.part("test")[-1].tobytes() == seq(b, 39)

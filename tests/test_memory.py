@@ -1,4 +1,5 @@
-"""Compiled memory (XLA's buffer assignment) of the strategies on the weight-tied toy."""
+"""Compiled memory (XLA's buffer assignment) of the strategies on the
+weight-tied toy."""
 
 import functools
 

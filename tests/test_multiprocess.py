@@ -42,7 +42,8 @@ def run(argv, timeout=300) -> subprocess.CompletedProcess:
     stdout, stderr = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     # launch.local's children, or the launch.train process itself.
-    jax_processes = _children(proc.pid) if "launch.local" in argv else [proc.pid]
+    jax_processes = (_children(proc.pid) if "launch.local" in argv
+                     else [proc.pid])
     for pid in jax_processes:
       os.kill(pid, signal.SIGABRT)
     try:

@@ -1,4 +1,5 @@
-"""Every tutorial notebook runs top to bottom (its own asserts check its claims)."""
+"""Every tutorial notebook runs top to bottom (its own asserts check its
+claims)."""
 
 import pathlib
 

@@ -6,7 +6,6 @@ every variant with it (XLA's backend optimisation off, as in
 test_exactness), so the matrix costs a few compiles.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ import pytest
 import metaflow
 from metaflow import memory
 from tests import problems as P
-from tests.test_exactness import FAST_COMPILE
 
 TOL = 1e-10
 
@@ -33,7 +31,7 @@ def _relative_errors(problem, num_steps, baseline, variants):
             for s in (baseline,) + tuple(variants)]
 
   (ref_value, ref_grads), *ours = jax.jit(everything).lower(
-      *args).compile(compiler_options=FAST_COMPILE)(*args)
+      *args).compile(compiler_options=P.FAST_COMPILE)(*args)
   assert optax.tree.norm(ref_grads) > 1e-5, "degenerate case: zero gradient"
   return {v: max(abs(float(value - ref_value)) / abs(float(ref_value)),
                  P.tree_rel_error(grads, ref_grads))

@@ -94,7 +94,8 @@ def test_rule_that_the_mesh_does_not_divide():
                      r"0 \(6\) is not divisible by the 8 devices"):
     sharding.param_specs(bad, mesh, ((r"w", PartitionSpec("fsdp")),))
   with pytest.raises(ValueError, match="more axes than the parameter has"):
-    sharding.param_specs(bad, mesh, ((r"w", PartitionSpec(None, None, "fsdp")),))
+    sharding.param_specs(bad, mesh,
+                         ((r"w", PartitionSpec(None, None, "fsdp")),))
 
 
 def test_default_spec():
@@ -265,13 +266,18 @@ def _lm_run(task, strategy, mesh, steps=2):
     ("lm_loss_weighting", "mixflow", "data=2 x fsdp=4"),  # eta enters L
     ("lm_loss_weighting", "implicit", "data=2 x fsdp=4"),  # CG on shards
     # Chunks of sharded sequences, segments over fsdp-split carries.
-    ("lm_loss_weighting", "mixflow+segments=1+microbatches=2", "data=2 x fsdp=4"),
+    ("lm_loss_weighting", "mixflow+segments=1+microbatches=2",
+     "data=2 x fsdp=4"),
 ])
 def test_language_models_on_meshes_are_exact(task, strategy, mesh,
                                              lm_reference):
   eta, evaluation = _lm_run(task, strategy, sharding.make_mesh(**MESHES[mesh]))
   ref_eta, ref_evaluation = lm_reference(task, strategy)
-  assert P.tree_rel_error(eta, ref_eta) < 1e-9
+  # CG (implicit) amplifies the rounding of the sharded reductions by up to
+  # the condition number of H_tt + lambda_d I: 1.5e-9 measured on one CPU
+  # (AMD EPYC), below 1e-9 on another.
+  tolerance = 1e-8 if strategy == "implicit" else 1e-9
+  assert P.tree_rel_error(eta, ref_eta) < tolerance
   np.testing.assert_allclose(evaluation["outer_loss"],
                              ref_evaluation["outer_loss"], rtol=1e-9)
 

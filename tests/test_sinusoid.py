@@ -6,9 +6,11 @@ import math
 import numpy as np
 import optax
 
+import metaflow
 from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
 from tasks.sinusoid import SinusoidSampler
+from tests import problems as P
 from tests.problems import ONE_DEVICE
 
 
@@ -25,6 +27,21 @@ def test_episode_is_a_sinusoid():
   np.testing.assert_allclose(basis @ [a, b], y, atol=1e-5)
   amplitude, phase = math.hypot(a, b), math.atan2(-b, a)
   assert 0.1 <= amplitude <= 5 and -1e-5 <= phase <= math.pi + 1e-5
+
+
+def test_every_exact_strategy_matches_standard(x64):
+  """float64, with learned per-element learning rates next to the learned
+  initialisation: every exact strategy's value and meta-gradient equal
+  standard's, all compiled in one program."""
+  task = create_task("sinusoid_maml", widths=(8,), learn_lr=True)
+  trainers = [BilevelTrainer(task, strategy=s, num_inner_steps=2,
+                             meta_batch_size=1, mesh=ONE_DEVICE)
+              for s in metaflow.exact_strategies()]
+  errors = P.trainer_strategy_errors(trainers)
+  assert set(errors) == set(metaflow.exact_strategy_names()) - {"standard"}
+  for strategy, (value_error, grad_error) in errors.items():
+    assert value_error < 1e-12, (strategy, value_error)
+    assert grad_error < 1e-9, (strategy, grad_error)
 
 
 def test_maml_halves_post_adaptation_mse():
@@ -46,6 +63,7 @@ def test_meta_sgd_learns_per_element_learning_rates():
   eta0 = trainer.init_state().eta
   assert eta0["log_lr"]["out"]["kernel"].shape == (40, 1)
   result = trainer.fit(50, log_every=50, console=False)
-  moved = result.state.eta["log_lr"]["out"]["kernel"] - eta0["log_lr"]["out"]["kernel"]
+  moved = (result.state.eta["log_lr"]["out"]["kernel"]
+           - eta0["log_lr"]["out"]["kernel"])
   assert np.mean(np.abs(np.asarray(moved)) > 0) > 0.5  # (dead ReLUs stay)
   assert len(np.unique(np.round(np.asarray(moved), 6))) > 1  # per element

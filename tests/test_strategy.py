@@ -64,7 +64,8 @@ def test_cg_settings():
     with pytest.raises(ValueError, match="cg_steps must be an int >= 1"):
       Strategy("implicit", cg_steps=bad)
   for bad in (-1e-3, float("nan"), "0.1"):
-    with pytest.raises(ValueError, match="cg_damping must be a float >= 0"):
+    with pytest.raises(ValueError,
+                       match="cg_damping must be a finite number >= 0"):
       Strategy("implicit", cg_damping=bad)
   with pytest.raises(ValueError, match="apply to mode 'implicit' only"):
     Strategy("mixflow", cg_steps=5)

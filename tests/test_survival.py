@@ -129,7 +129,8 @@ def test_unreadable_newest_checkpoint_is_moved_aside(tmp_path, caplog, clean,
   ckpts = tmp_path / "checkpoints"
   _truncate_an_array_file(ckpts / "4")
   result = clean.fit(6, tmp_path, checkpoint_every=2, console=False)
-  assert "Checkpoint 4 in" in caplog.text and "cannot be restored" in caplog.text
+  assert ("Checkpoint 4 in" in caplog.text
+          and "cannot be restored" in caplog.text)
   assert (tmp_path / "checkpoints.unreadable" / "4" / "state").is_dir()
   assert_trees_identical(result.state, straight)
   assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) == [2, 4, 6]

@@ -4,7 +4,6 @@ behaviour, evaluation, and clear errors."""
 
 import dataclasses
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +13,12 @@ from flax import nnx
 
 import metaflow
 from metaflow import data, optim
-from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
-                                  MetaParams)
+from metaflow.meta_params import (
+  LearnedLearningRates,
+  LossWeights,
+  Meta,
+  MetaParams,
+)
 from metaflow.task import Functional, Task
 from metaflow.trainer import BilevelTrainer
 from tests import problems as P
@@ -211,7 +214,8 @@ def test_training_improves_held_out_outer_loss():
                            mesh=P.ONE_DEVICE,
                            outer_optimizer=optax.adam(1e-2))
   result = trainer.fit(150, log_every=50, console=False)
-  assert result.final_eval["outer_loss"] < 0.8 * result.initial_eval["outer_loss"]
+  assert (result.final_eval["outer_loss"]
+          < 0.8 * result.initial_eval["outer_loss"])
   assert int(result.state.step) == 150
   logged = [row["train/outer_loss"] for row in result.history
             if "train/outer_loss" in row]

@@ -11,11 +11,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # The task's own settings (fields of its Task dataclass), set per task.
   config.task = ml_collections.ConfigDict()
-  # Gradient strategy: standard | mixflow, optionally +remat[+saved_inner_grads],
-  # +segments=K|auto, +microbatches=M (exact); implicit | first_order
-  # (approximate; implicit with a learned initialisation needs
-  # --config.task.proximal > 0); auto: the fastest exact one whose meta-step
-  # fits memory_budget per device (metaflow.planner).
+  # Gradient strategy: standard | mixflow, optionally
+  # +remat[+saved_inner_grads], +segments=K|auto, +microbatches=M (exact);
+  # implicit | first_order (approximate; implicit with a learned initialisation
+  # needs --config.task.proximal > 0); auto: the fastest exact one whose
+  # meta-step fits memory_budget per device (metaflow.planner).
   config.strategy = "mixflow"
   config.memory_budget = ""         # with strategy auto: e.g. "16GiB"
   config.cg_steps = 20              # implicit only: most CG iterations (HVPs)

@@ -1,4 +1,5 @@
-"""fewshot_classification: MAML, 5-way 1-shot, meta-train digits 0-4, meta-test 5-9."""
+"""fewshot_classification: MAML, 5-way 1-shot, meta-train digits 0-4,
+meta-test 5-9."""
 
 from launch.configs import default
 
@@ -16,8 +17,10 @@ def get_config():
   config.task.inner_lr = 0.2
   config.task.learn_lr = False
   config.task.lr_granularity = "element"
-  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2 (implicit: > 0)
-  config.task.augment_train = True    # rotated/mirrored classes for meta-training
+  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2
+                                      # (implicit: > 0)
+  config.task.augment_train = True    # rotated/mirrored classes for
+                                      # meta-training
   config.inner_steps = 5
   config.meta_batch_size = 4
   config.meta_steps = 1000

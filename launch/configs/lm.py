@@ -12,11 +12,14 @@ from launch.configs import default
 
 def get_config():
   config = default.get_config()
-  config.task.data_path = ""          # "" = embedded corpus; comma-separated files
+  config.task.data_path = ""          # "" = embedded corpus; comma-separated
+                                      # files
   config.task.preset = "tiny"         # tasks.lm.model.PRESETS
   config.task.seq_len = 128           # bytes per sequence L
-  config.task.batch_size = 4          # B, sequences per inner step and outer batch
-  config.task.inner_lr = 3e-3         # inner Adam (the initial value if learned)
+  config.task.batch_size = 4          # B, sequences per inner step and outer
+                                      # batch
+  config.task.inner_lr = 3e-3         # inner Adam (the initial value if
+                                      # learned)
   config.task.compute_dtype = ""      # "" (= parameters' dtype) or "bfloat16"
   config.task.remat_blocks = False    # jax.checkpoint around each block
   config.task.strict_utf8 = False     # refuse non-UTF-8 files (default: warn)

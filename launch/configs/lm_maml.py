@@ -6,5 +6,6 @@ from launch.configs import lm
 def get_config():
   config = lm.get_config()
   config.outer_lr = 1e-3
-  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2 (implicit: > 0)
+  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2
+                                      # (implicit: > 0)
   return config

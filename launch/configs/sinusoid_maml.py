@@ -1,4 +1,5 @@
-"""sinusoid_maml: MAML on few-shot sinusoid regression (K=10, 5 inner SGD steps)."""
+"""sinusoid_maml: MAML on few-shot sinusoid regression (K=10, 5 inner SGD
+steps)."""
 
 from launch.configs import default
 
@@ -10,7 +11,8 @@ def get_config():
   config.task.widths = (40, 40)
   config.task.inner_lr = 0.01
   config.task.learn_lr = False
-  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2 (implicit: > 0)
+  config.task.proximal = 0.0          # iMAML term lam/2 ||theta - theta0||^2
+                                      # (implicit: > 0)
   config.inner_steps = 5
   config.meta_batch_size = 25
   config.meta_steps = 2000

@@ -51,16 +51,12 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from metaflow._checks import check_int
+
 STACKED_KEY = "blocks"
 """Top-level parameter key whose leaves stack the blocks on a leading axis."""
 
 _DTYPES = ("bfloat16", "float16", "float32", "float64")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"TransformerConfig.{name} must be an int >= 1, got "
-                     f"{value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +92,7 @@ class TransformerConfig:
 
   def __post_init__(self):
     for name in ("vocab_size", "width", "depth", "num_heads", "max_length"):
-      _check_positive_int(name, getattr(self, name))
+      check_int(f"TransformerConfig.{name}", getattr(self, name))
     if self.width % self.num_heads:
       raise ValueError(f"TransformerConfig.width {self.width} must be "
                        f"divisible by num_heads {self.num_heads}.")

@@ -38,8 +38,13 @@ import optax
 from flax import nnx
 
 from metaflow import optim
-from metaflow.meta_params import (LearnedLearningRates, LossWeights, Meta,
-                                  MetaParams)
+from metaflow._checks import check_int
+from metaflow.meta_params import (
+  LearnedLearningRates,
+  LossWeights,
+  Meta,
+  MetaParams,
+)
 from metaflow.task import Task, register
 from tasks.lm import model as lm_model
 from tasks.lm import text
@@ -47,9 +52,7 @@ from tasks.lm import text
 
 def _check_sizes(task: Task, names: tuple[str, ...]) -> None:
   for name in names:
-    value = getattr(task, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    check_int(name, getattr(task, name))
 
 
 @dataclasses.dataclass(frozen=True)

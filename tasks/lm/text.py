@@ -42,6 +42,7 @@ import grain
 import numpy as np
 
 from metaflow import data
+from metaflow._checks import check_int
 
 #: Byte-level tokens: every byte value is a token.
 VOCAB_SIZE = 256
@@ -155,13 +156,6 @@ def check_part(part: str) -> int:
   return PARTS.index(part)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < minimum):
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-  return int(value)
-
-
 # ---------------------------------------------------------------- corpus
 class TextCorpus:
   """Text files (or the embedded corpus) cut into sequences and parts.
@@ -187,7 +181,7 @@ class TextCorpus:
 
   def __init__(self, paths: Union[str, os.PathLike, Sequence[str]] = (),
                seq_len: int = 128, strict_utf8: bool = False):
-    self.seq_len = _check_int("seq_len", seq_len, 1)
+    self.seq_len = check_int("seq_len", seq_len, 1)
     self.strict_utf8 = bool(strict_utf8)
     if isinstance(paths, (str, os.PathLike)):
       paths = (paths,)
@@ -351,7 +345,7 @@ class TextPart:
 # --------------------------------------------------------------- streams
 def _shuffle_seed(seed: int, split: str, part: str) -> int:
   """A 32-bit shuffle seed for the stream of ``(seed, split, part)``."""
-  entropy = [_check_int("seed", seed, 0), data.check_split(split),
+  entropy = [check_int("seed", seed, 0), data.check_split(split),
              check_part(part)]
   return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
@@ -421,7 +415,7 @@ def batches(corpus: TextCorpus, part: str, batch_size: int, seed: int,
   Returns:
     A picklable dataset of ``sys.maxsize // batch_size`` batches.
   """
-  batch_size = _check_int("batch_size", batch_size, 1)
+  batch_size = check_int("batch_size", batch_size, 1)
   return grain.MapDataset.range(sys.maxsize // batch_size).map(
       _stream(corpus, part, batch_size, seed, split))
 
@@ -473,8 +467,8 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
     depends only on the arguments and ``i``.
   """
   data.check_split(split)
-  num_inner_steps = _check_int("num_inner_steps", num_inner_steps, 1)
-  batch_size = _check_int("batch_size", batch_size, 1)
+  num_inner_steps = check_int("num_inner_steps", num_inner_steps, 1)
+  batch_size = check_int("batch_size", batch_size, 1)
   positions = (tuple(range(batch_size)) if rows is None else
                tuple(r for start, stop in rows for r in range(start, stop)))
   if not positions or not all(0 <= r < batch_size for r in positions):

@@ -1,0 +1,91 @@
+"""What a user's environment gets: the engine imports alone, and the
+dependency ranges of pyproject.toml admit the versions constraints.txt pins
+(and this environment was installed with)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import metaflow
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TRAINING_ONLY = ("orbax", "grain", "clu", "tensorboardX")
+
+
+def test_engine_imports_without_the_training_stack():
+  # A fresh process: this one has imported the trainer long ago.
+  script = textwrap.dedent(f"""
+      import sys
+      import jax.numpy as jnp
+      import optax
+      import metaflow.unroll
+      from metaflow import Strategy, meta_value_and_grad
+      fn = meta_value_and_grad(
+          lambda theta, eta, x: jnp.sum((theta * eta - x) ** 2),
+          lambda theta, eta, x: jnp.sum((theta - x) ** 2),
+          optax.sgd(0.1), 2, strategy=Strategy("mixflow"))
+      value, grad = fn(jnp.ones(3), jnp.zeros(3), jnp.ones((2, 3)),
+                       jnp.ones(3))
+      assert grad.shape == (3,) and jnp.isfinite(value)
+      print(sorted(m for m in sys.modules
+                   if m.split(".")[0] in {_TRAINING_ONLY!r}))
+      """)
+  result = subprocess.run(
+      [sys.executable, "-c", script], cwd=_REPO_ROOT, capture_output=True,
+      text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]"
+
+
+def test_every_public_name_resolves_including_the_lazy_ones():
+  for name in metaflow.__all__:
+    assert getattr(metaflow, name) is not None, name
+  from metaflow import checkpoint, trainer
+  assert metaflow.BilevelTrainer is trainer.BilevelTrainer
+  assert metaflow.TrainState is trainer.TrainState
+  assert (metaflow.IncompatibleCheckpointError
+          is checkpoint.IncompatibleCheckpointError)
+  assert {"BilevelTrainer", "metrics", "meta_value_and_grad"} <= set(
+      dir(metaflow))
+  with pytest.raises(AttributeError, match="has no attribute 'Trainer'"):
+    metaflow.Trainer  # noqa: B018
+
+
+def _pins() -> dict[str, str]:
+  pins = {}
+  with open(os.path.join(_REPO_ROOT, "constraints.txt")) as f:
+    for line in f:
+      line = line.split("#", 1)[0].strip()
+      if line:
+        name, version = line.split("==")
+        pins[canonicalize_name(name)] = version
+  return pins
+
+
+def _requirements() -> list[Requirement]:
+  with open(os.path.join(_REPO_ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  specs = list(project["dependencies"])
+  for extra in project["optional-dependencies"].values():
+    specs.extend(extra)
+  return [Requirement(spec) for spec in specs]
+
+
+def test_ranges_admit_the_pinned_versions_which_are_installed():
+  pins = _pins()
+  for requirement in _requirements():
+    name = canonicalize_name(requirement.name)
+    assert name in pins, f"{requirement.name} is not pinned in constraints.txt"
+    assert requirement.specifier.contains(pins[name]), (
+        f"pyproject.toml's {requirement} excludes the pinned {pins[name]}")
+    # This environment was installed with the constraints (README, .ci/run).
+    assert importlib.metadata.version(name) == pins[name], name
