@@ -30,7 +30,11 @@ import tempfile
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
                        "--xla_llvm_disable_expensive_passes=true")
-os.environ.setdefault("XLA_FLAGS", f"{_DEVICES_FLAG} {_FAST_COMPILE_FLAGS}")
+_TEST_FLAGS = f"{_DEVICES_FLAG} {_FAST_COMPILE_FLAGS}"
+# Unset, or as this file leaves it for the commands the tests start (the
+# pytest-xdist workers inherit it from the pytest process).
+if os.environ.get("XLA_FLAGS", _FAST_COMPILE_FLAGS) == _FAST_COMPILE_FLAGS:
+  os.environ["XLA_FLAGS"] = _TEST_FLAGS
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:  # the pytest process itself: the workers inherit the folder
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
@@ -42,7 +46,7 @@ import pytest  # noqa: E402
 jax.devices()  # Initialises the backends now, with the flags above.
 # Commands the tests start (launch.train, notebooks) see one device, as on a
 # laptop, unless a test sets XLA_FLAGS for them.
-if os.environ["XLA_FLAGS"] == f"{_DEVICES_FLAG} {_FAST_COMPILE_FLAGS}":
+if os.environ["XLA_FLAGS"] == _TEST_FLAGS:
   os.environ["XLA_FLAGS"] = _FAST_COMPILE_FLAGS
 
 

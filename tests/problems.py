@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaflow import optim, sharding
+import metaflow
+from metaflow import data, optim, sharding
 
 IN, HIDDEN, BATCH = 3, 5, 4
 
@@ -110,19 +111,20 @@ def tree_rel_error(a, b) -> float:
   return float(np.sqrt(num / den))
 
 
-def trainer_strategy_errors(trainers, scale: float = 0.05):
-  """Relative errors of each trainer's (value, meta-gradient) against the
-  first one's (``standard``), on one meta-train episode and all compiled in
-  one program.
+def trainer_strategy_errors(make_trainer, scale: float = 0.05):
+  """Relative errors of every exact strategy's (value, meta-gradient)
+  against ``standard``'s, on one meta-train episode and all compiled in one
+  program.
 
-  ``trainers``: `BilevelTrainer`s of one task that differ in the strategy
-  only. eta is perturbed by ``scale`` times a normal draw, so that nothing is
-  at a special point (a rater's score layer starts at zero, which zeroes the
-  gradient of its other layers). Also checks that the comparison is not
-  vacuous: the meta-gradient is not ~0 and every meta-parameter gets some.
-  Returns ``{strategy name: (value error, gradient error)}`` for the rest.
+  ``make_trainer``: strategy -> `BilevelTrainer` (one task, the strategy
+  the only difference). eta is perturbed by ``scale`` times a normal draw,
+  so that nothing is at a special point (a rater's score layer starts at
+  zero, which zeroes the gradient of its other layers). Also checks that
+  the comparison is not vacuous: the meta-gradient is not ~0 and every
+  meta-parameter gets some. Returns ``{strategy name: (value error,
+  gradient error)}``, one entry for each exact strategy but standard.
   """
-  from metaflow import data
+  trainers = [make_trainer(s) for s in metaflow.exact_strategies()]
   first = trainers[0]
   assert first.strategy.name == "standard"
   leaves, tree = jax.tree.flatten(first.init_state().eta)
@@ -144,6 +146,8 @@ def trainer_strategy_errors(trainers, scale: float = 0.05):
   for leaf in jax.tree.leaves(ref_grads):
     assert float(jnp.max(jnp.abs(leaf))) > 0, (
         "a meta-parameter gets no gradient")
-  return {t.strategy.name: (abs(float(v - ref_value)) / abs(float(ref_value)),
-                            tree_rel_error(g, ref_grads))
-          for t, ((v, _), g) in zip(trainers[1:], results[1:])}
+  errors = {t.strategy.name: (abs(float(v - ref_value)) / abs(float(ref_value)),
+                              tree_rel_error(g, ref_grads))
+            for t, ((v, _), g) in zip(trainers[1:], results[1:])}
+  assert set(errors) == set(metaflow.exact_strategy_names()) - {"standard"}
+  return errors

@@ -425,11 +425,8 @@ def test_every_exact_strategy_matches_standard(x64):
   standard's, all compiled in one program."""
   pytest.importorskip("sklearn")
   task = FewShotClassification(channels=4, num_blocks=1)
-  trainers = [metaflow.BilevelTrainer(task, strategy=s, num_inner_steps=2,
-                                      meta_batch_size=1, mesh=ONE_DEVICE)
-              for s in metaflow.exact_strategies()]
-  errors = P.trainer_strategy_errors(trainers)
-  assert set(errors) == set(metaflow.exact_strategy_names()) - {"standard"}
+  errors = P.trainer_strategy_errors(lambda s: metaflow.BilevelTrainer(
+      task, strategy=s, num_inner_steps=2, meta_batch_size=1, mesh=ONE_DEVICE))
   for strategy, (value_error, grad_error) in errors.items():
     assert value_error < 1e-12, (strategy, value_error)
     assert grad_error < 1e-9, (strategy, grad_error)
