@@ -60,43 +60,33 @@ def test_out_is_a_file(tmp_path, capsys):
   assert "not a folder" in capsys.readouterr().err
 
 
-def test_small_lm_benchmark(tmp_path, capsys):
-  from launch import benchmark_lm
-  out = tmp_path / "bench"
-  assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "nano",
-                            "--steps", "2", "--batch", "2", "--seq_len", "32",
-                            "--repeats", "1", "--strategies", "mixflow",
-                            "--out", str(out)]) == 0
-  assert "std/this" in capsys.readouterr().out
-  rows = json.loads((out / "benchmark_lm.json").read_text())["rows"]
-  assert [r["strategy"] for r in rows] == ["standard", "mixflow"]
-  for r in rows:
-    assert r["task"] == "lm_maml" and (r["T"], r["B"], r["L"]) == (2, 2, 32)
-    assert r["temp_bytes"] > r["static_bytes"] > 0 and r["step_s_median"] > 0
-  assert rows[1]["memory_ratio_vs_standard"] > 1
-  assert (out / "benchmark_lm.png").stat().st_size > 0
-
-
-def test_lm_benchmark_per_device_of_a_mesh(tmp_path, capsys):
-  """--mesh: per-device memory next to one device's (8 host devices here)."""
+def test_small_lm_benchmark_on_a_mesh(tmp_path, capsys):
+  """One small run: the timed table against standard, and with --mesh the
+  per-device memory next to one device's (8 host devices here)."""
   from launch import benchmark_lm
   xla_flags = os.environ.get("XLA_FLAGS")
   out = tmp_path / "bench"
-  assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "tiny",
-                            "--steps", "2", "--batch", "8", "--seq_len", "64",
-                            "--repeats", "0", "--strategies", "mixflow",
+  assert benchmark_lm.main(["--tasks", "lm_maml", "--preset", "nano",
+                            "--steps", "2", "--batch", "8", "--seq_len", "32",
+                            "--repeats", "1", "--strategies", "mixflow",
                             "--mesh", "data=2,fsdp=4", "--host_devices", "8",
                             "--out", str(out)]) == 0
   # Later tests' commands on this worker must not inherit 8 devices.
   assert os.environ.get("XLA_FLAGS") == xla_flags
   printed = capsys.readouterr().out
+  assert "std/this" in printed
   assert "mesh data=2 x fsdp=4 (8 devices, 1 process)" in printed
   assert "one device: temp" in printed
   rows = json.loads((out / "benchmark_lm.json").read_text())["rows"]
+  assert [r["strategy"] for r in rows] == ["standard", "mixflow"]
   for r in rows:
+    assert r["task"] == "lm_maml" and (r["T"], r["B"], r["L"]) == (2, 8, 32)
+    assert r["temp_bytes"] > r["static_bytes"] > 0 and r["step_s_median"] > 0
     assert r["one_device"]["temp_bytes"] > r["temp_bytes"]
     assert r["static_ratio_one_device"] == pytest.approx(4.0, rel=1e-3)
     assert r["temp_ratio_one_device"] > 2
+  assert rows[1]["memory_ratio_vs_standard"] > 1
+  assert (out / "benchmark_lm.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,message", [
