@@ -1,6 +1,7 @@
-"""`python -m launch.train`: every strategy runs for every built-in task from
-the command line (bad input: `tests/test_bad_input.py`); TensorBoard event
-files with the outer loss are written."""
+"""`python -m launch.train`: one command-line run per built-in task, with
+TensorBoard event files of the outer loss; every ``--strategy`` reaches the
+trainer (in process); the language-model tasks, Grain workers and the auto
+strategy from the command line (bad input: `tests/test_bad_input.py`)."""
 
 import os
 import subprocess
