@@ -259,6 +259,7 @@ def _positive_int(spec: str, key: str, value: str, valid: str) -> int:
                      f"{value!r}. Valid strategies: {valid}.")
   return int(value)
 
+
 def exact_strategy_names() -> tuple[str, ...]:
   """The canonical strings of the exact strategies (same meta-gradient)."""
   names = []
