@@ -205,6 +205,7 @@ _SETTINGS = {
     "seed": ("int", 0), "cg_steps": ("int", 1),
     "outer_lr": ("float", 0.0), "cg_damping": ("float>=", 0.0),
     "mesh.data": ("axis", None), "mesh.fsdp": ("axis", None),
+    "online.population": ("int", 0), "online.lifetime": ("int", 0),
 }
 
 
@@ -274,6 +275,7 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
   ``mesh``: instead of the config's (``launch.plan`` plans on a part of the
   devices); ``shapes_only``: a trainer for compiled memory only."""
   from metaflow import sharding
+  from metaflow.online import Online
   from metaflow.task import create_task
   from metaflow.trainer import BilevelTrainer
 
@@ -281,9 +283,11 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
   if mesh is None:
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(task_name, **config.task.to_dict())
+  online = Online(config.online.population, config.online.lifetime)
   return BilevelTrainer(
       task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
-      meta_batch_size=config.meta_batch_size,
+      meta_batch_size=None if online.enabled else config.meta_batch_size,
+      online=online,
       outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
       seed=config.seed, eval_split=config.eval_split,
       num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers,
@@ -357,9 +361,11 @@ def main(argv: Sequence[str]) -> None:
   run_config = {k: v for k, v in config.to_dict().items()
                 if k not in RESUMABLE_KEYS}
   run_config["estimator"] = estimator(trainer.strategy)
-  logging.info("Task %s, strategy %s, T=%d, meta-batch %d, %d meta-steps, "
+  logging.info("Task %s, strategy %s, T=%d, meta-batch %d%s, %d meta-steps, "
                "mesh %s.", task_name, trainer.strategy.name,
                trainer.num_inner_steps, trainer.meta_batch_size,
+               (f" (online learners, lifetime {trainer.online.lifetime})"
+                if trainer.online.enabled else ""),
                config.meta_steps, sharding.describe(trainer.mesh))
   try:
     result = trainer.fit(

@@ -10,7 +10,8 @@ options that lower the floors MixFlow-MG leaves (`metaflow.segments`,
 (`metaflow.planner`). Around it: `Task` (a bilevel problem on NNX modules),
 `MetaParams` (what is meta-learned) and `BilevelTrainer` (outer loop,
 evaluation, Orbax checkpoints, Grain data, clu metrics, on a device mesh of
-every device of every process: `metaflow.sharding`).
+every device of every process: `metaflow.sharding`; offline, or with
+persistent inner learners that train across meta-steps: `metaflow.online`).
 """
 
 import importlib
@@ -21,6 +22,7 @@ from metaflow import (
   implicit,
   memory,
   microbatch,
+  online,
   optim,
   planner,
   segments,
@@ -40,6 +42,7 @@ from metaflow.mixflow import (
   inner_value_and_grad,
   mixflow_value_and_grad,
 )
+from metaflow.online import Learners, Online
 from metaflow.planner import NothingFitsError
 from metaflow.strategy import (
   Strategy,
@@ -105,6 +108,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "InnerLoopResult",
     "LearnedLearningRates",
+    "Learners",
     "LossWeights",
     "MemoryReport",
     "Meta",
@@ -112,6 +116,7 @@ __all__ = [
     "MetaGradient",
     "MetaParams",
     "NothingFitsError",
+    "Online",
     "Strategy",
     "Task",
     "TrainState",
@@ -133,6 +138,7 @@ __all__ = [
     "meta_value_and_grad_with_aux",
     "metrics",
     "microbatch",
+    "online",
     "mixflow_value_and_grad",
     "optim",
     "planner",

@@ -184,12 +184,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 (any failure to read it)
         saved, error = None, e
       if saved is not None:
-        diffs = config_diff(saved, self.config)
-        if diffs:
-          raise IncompatibleCheckpointError(
-              f"The checkpoint at {self.directory} (step {step}) was written "
-              f"by a run with a different config: {'; '.join(diffs)}. Use "
-              "another --workdir, or the same config to resume.")
+        self._check_config(step, saved)
         try:
           restored = self._manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(state),
@@ -213,6 +208,28 @@ class Checkpointer:
           + "; ".join(f"step {step}: {reason}" for step, reason in failed)
           + ". Nothing was moved; use another --workdir to start afresh.")
     return None
+
+  def _check_config(self, step: int, saved: Mapping[str, Any]) -> None:
+    diffs = config_diff(saved, self.config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f"The checkpoint at {self.directory} (step {step}) was written "
+          f"by a run with a different config: {'; '.join(diffs)}. Use "
+          "another --workdir, or the same config to resume.")
+
+  def restore_step(self, step: int, state: PyTree) -> PyTree:
+    """The state of checkpoint ``step``, shaped and sharded like the
+    template ``state``, after checking its config (for reading a run's
+    result: no data iterator, no fallback to an earlier step).
+
+    Raises:
+      IncompatibleCheckpointError: the checkpoint's config differs.
+    """
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    self._check_config(step, saved)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state)))["state"]
 
   def _move_aside(self, step: int) -> None:
     """Moves step directory ``step`` to ``checkpoints.unreadable/`` (by

@@ -94,23 +94,23 @@ def implicit_meta_grad(inner_loss: Loss, theta: PyTree, eta: PyTree,
 
 def at_solution(loop: Callable, inner_loss: Loss, strategy: Strategy
                 ) -> Callable:
-  """``loop`` (``(eta, theta0, inner_batches) -> InnerLoopResult``), run
-  forward only, with theta_T differentiated implicitly (see the module
-  docstring).
+  """``loop`` (``(eta, theta0, inner_batches, opt_state0=None) ->
+  InnerLoopResult``), run forward only, with theta_T differentiated
+  implicitly (see the module docstring).
 
   The returned function has the same signature and outputs. Its custom VJP
   takes the cotangent of ``params`` (theta_T); cotangents of the optimiser
   state and the loss trace are dropped (V is a function of theta_T alone),
-  and theta0 and the batches get zero (the stationary point does not depend
-  on where the loop started).
+  and theta0, the starting optimiser state and the batches get zero (the
+  stationary point does not depend on where the loop started).
   """
 
   @jax.custom_vjp
-  def solution(eta, theta0, inner_batches):
-    return loop(eta, theta0, inner_batches)
+  def solution(eta, theta0, inner_batches, opt_state0):
+    return loop(eta, theta0, inner_batches, opt_state0)
 
-  def fwd(eta, theta0, inner_batches):
-    result = loop(eta, theta0, inner_batches)
+  def fwd(eta, theta0, inner_batches, opt_state0):
+    result = loop(eta, theta0, inner_batches, opt_state0)
     last = jax.tree.map(lambda x: x[-1], inner_batches)
     return result, (result.params, eta, last)
 
@@ -119,7 +119,11 @@ def at_solution(loop: Callable, inner_loss: Loss, strategy: Strategy
     eta_bar = implicit_meta_grad(inner_loss, theta_T, eta, last,
                                  cotangent.params, strategy.cg_steps,
                                  strategy.cg_damping)
-    return eta_bar, None, None
+    return eta_bar, None, None, None
 
   solution.defvjp(fwd, bwd)
-  return solution
+
+  def run(eta, theta0, inner_batches, opt_state0=None):
+    return solution(eta, theta0, inner_batches, opt_state0)
+
+  return run

@@ -41,6 +41,10 @@ class MemoryReport:
     generated_code_bytes: size of the compiled code.
     peak_bytes: XLA's peak-memory estimate (0 where the backend gives none).
     static_bytes: the stored copies of ``(theta, s)`` when known, else None.
+    population_bytes: with online learners (`metaflow.online`), their
+      state (P carries (theta, s) and ages), held between meta-steps: in
+      the arguments (and, donated, the outputs), not the temporaries; the
+      rest of the static memory. None otherwise.
   """
 
   temp_bytes: int
@@ -50,6 +54,7 @@ class MemoryReport:
   generated_code_bytes: int
   peak_bytes: int
   static_bytes: Optional[int] = None
+  population_bytes: Optional[int] = None
 
   @property
   def dynamic_bytes(self) -> Optional[int]:
@@ -75,13 +80,16 @@ class MemoryReport:
     if self.static_bytes is not None and self.dynamic_bytes is not None:
       parts.append(f"(static {format_bytes(self.static_bytes)}, "
                    f"dynamic {format_bytes(self.dynamic_bytes)})")
+    if self.population_bytes is not None:
+      parts.append(f"population {format_bytes(self.population_bytes)}")
     parts.append(f"args {format_bytes(self.argument_bytes)}, "
                  f"out {format_bytes(self.output_bytes)}")
     return " ".join(parts)
 
 
 def report(compiled: jax.stages.Compiled,
-           static_bytes: Optional[int] = None) -> MemoryReport:
+           static_bytes: Optional[int] = None,
+           population_bytes: Optional[int] = None) -> MemoryReport:
   """The `MemoryReport` of an already compiled function."""
   stats = compiled.memory_analysis()
   if stats is None:
@@ -93,11 +101,12 @@ def report(compiled: jax.stages.Compiled,
       alias_bytes=int(stats.alias_size_in_bytes),
       generated_code_bytes=int(stats.generated_code_size_in_bytes),
       peak_bytes=int(getattr(stats, "peak_memory_in_bytes", 0) or 0),
-      static_bytes=static_bytes)
+      static_bytes=static_bytes, population_bytes=population_bytes)
 
 
 def analyze(fn: Callable[..., Any], *args: Any,
-            static_bytes: Optional[int] = None) -> MemoryReport:
+            static_bytes: Optional[int] = None,
+            population_bytes: Optional[int] = None) -> MemoryReport:
   """Compiles ``fn(*args)`` with ``jax.jit`` and reports its memory.
 
   Args:
@@ -108,8 +117,9 @@ def analyze(fn: Callable[..., Any], *args: Any,
       executed).
     static_bytes: overrides the static memory (e.g. for a vmapped function,
       the meta-batch size times that of one task).
+    population_bytes: an online population's state among the arguments.
   """
   if static_bytes is None and hasattr(fn, "static_bytes"):
     static_bytes = fn.static_bytes(*args)
   compiled = jax.jit(fn).lower(*args).compile()
-  return report(compiled, static_bytes)
+  return report(compiled, static_bytes, population_bytes)

@@ -119,9 +119,18 @@ class LossWeights:
     max_weight: weights are ``max_weight * sigmoid(score)``, in
       ``[0, max_weight]``; with the default 2 a rater that outputs 0 gives
       weight 1 (the unweighted loss).
+    normalise: ``"sigmoid"`` (the default, each weight on its own, as
+      above) or ``"softmax"``: the n scores of one call (a whole batch)
+      compete, ``w = n * softmax(scores / temperature)`` (weights sum to n;
+      equal scores give 1 each: DataRater's normalisation). A softmax
+      weight depends on the whole batch, so L is not a mean of
+      per-example terms: micro-batching is refused.
+    temperature: the softmax temperature (``"softmax"`` only).
   """
   network: Callable[[nnx.Rngs], nnx.Module]
   max_weight: float = 2.0
+  normalise: Literal["sigmoid", "softmax"] = "sigmoid"
+  temperature: float = 1.0
 
   def __post_init__(self):
     if not callable(self.network):
@@ -130,6 +139,10 @@ class LossWeights:
     if not self.max_weight > 0:
       raise ValueError(f"LossWeights.max_weight must be > 0, got "
                        f"{self.max_weight}.")
+    if self.normalise not in ("sigmoid", "softmax"):
+      raise ValueError("LossWeights.normalise must be 'sigmoid' or "
+                       f"'softmax', got {self.normalise!r}.")
+    check_number("LossWeights.temperature", self.temperature, strict=True)
 
   @functools.cached_property
   def graphdef(self) -> nnx.GraphDef:
@@ -152,6 +165,9 @@ class LossWeights:
     score = rater(features)
     if score.ndim == features.ndim and score.shape[-1] == 1:
       score = score[..., 0]
+    if self.normalise == "softmax":
+      flat = jax.nn.softmax(score.reshape(-1) / self.temperature)
+      return (score.size * flat).reshape(score.shape)
     return self.max_weight * jax.nn.sigmoid(score)
 
 
@@ -297,6 +313,14 @@ class MetaParams:
             "--config.task.proximal): without the proximal term the "
             "stationary point of L does not depend on theta0, so its implicit "
             "meta-gradient is zero.")
+    if (self.loss_weights is not None
+        and self.loss_weights.normalise == "softmax"
+        and strategy.microbatches > 1):
+      raise ValueError(
+          "Softmax-normalised loss weights (LossWeights(normalise="
+          "'softmax')) cannot be micro-batched: each weight depends on the "
+          "whole batch, so L is not a mean of per-chunk losses. Drop "
+          "+microbatches.")
     if strategy.mode == "first_order" and self.loss_weights is not None:
       raise ValueError(
           "Strategy 'first_order' cannot learn loss weights: they reach V only "

@@ -9,7 +9,10 @@ axis and an outer optax optimiser:
 where ``theta_T^b`` is T inner steps of Phi on episode b's inner batches from
 ``theta0 = eta["init"]`` (learned) or the model's initialisation. How
 ``d value / d eta`` is computed (standard, MixFlow-MG, remat, ...) is the
-`Strategy`'s business; the trainer only passes it to the engine.
+`Strategy`'s business; the trainer only passes it to the engine. With
+``online=Online(population=P, lifetime=N)`` the B = P episodes are windows of
+P persistent learners instead, each starting from its carried (theta, s)
+(`metaflow.online`).
 
 The trainer also evaluates (outer loss after T inner steps on held-out
 episodes, and at the initial eta for comparison), writes metrics through clu
@@ -51,8 +54,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from metaflow import checkpoint as checkpoint_lib
 from metaflow import data, memory, mixflow, planner, sharding
 from metaflow import metrics as metrics_lib
+from metaflow import online as online_lib
 from metaflow import preemption as preemption_lib
 from metaflow._checks import PyTree, check_int
+from metaflow.meta_params import LearnedLearningRates
+from metaflow.online import Learners, Online
 from metaflow.strategy import Strategy
 from metaflow.task import Functional, Task
 from metaflow.unroll import (
@@ -74,6 +80,9 @@ class TrainState(NamedTuple):
       meta-steps, ``total_notfinite``: all of them, ``inner_state``: the
       outer optimiser's own).
     rng: uint32[2] PRNG key (split once per meta-step).
+    learners: with online learners, the population (`metaflow.online.
+      Learners`: each learner's theta, s and age, leading axis P); None
+      offline.
   """
   # PyTree: the same structure also holds shapes (jax.eval_shape) and
   # shardings (`BilevelTrainer.state_shardings`).
@@ -81,6 +90,7 @@ class TrainState(NamedTuple):
   eta: PyTree
   opt_state: PyTree
   rng: PyTree
+  learners: PyTree = None
 
 
 class FitResult(NamedTuple):
@@ -139,8 +149,10 @@ class BilevelTrainer:
       compiled meta-step fits ``memory_budget`` (`metaflow.planner`; the
       candidates are compiled shapes-only when the trainer is built, the
       table is logged and kept in ``auto_table``).
-    num_inner_steps: T, inner steps per episode (training and evaluation).
-    meta_batch_size: B, episodes per meta-step (vmapped).
+    num_inner_steps: T, inner steps per episode (training and evaluation);
+      with online learners, the window.
+    meta_batch_size: B, episodes per meta-step (vmapped); default 4, or P
+      with online learners (the meta-batch is the population).
     outer_optimizer: optax transformation for eta (default Adam, 1e-3),
       applied through ``optax.apply_if_finite``: a meta-step with a
       non-finite outer loss or meta-gradient is skipped (`fit`).
@@ -155,6 +167,9 @@ class BilevelTrainer:
     shapes_only: build for `compiled_memory` only (planning): the model is
       never initialised, so a preset far larger than this machine's memory
       can be analysed; training methods refuse.
+    online: `Online(population=P, lifetime=N)`: P persistent inner learners
+      whose windows of T steps continue across meta-steps
+      (`metaflow.online`); default off (every episode starts afresh).
 
   Raises:
     ValueError/TypeError: bad settings, a strategy the task does not
@@ -164,13 +179,14 @@ class BilevelTrainer:
   """
 
   def __init__(self, task: Task, *, strategy: Union[str, Strategy] = "mixflow",
-               num_inner_steps: int = 5, meta_batch_size: int = 4,
+               num_inner_steps: int = 5,
+               meta_batch_size: Optional[int] = None,
                outer_optimizer: Optional[optax.GradientTransformation] = None,
                seed: int = 0, eval_split: str = "validation",
                num_eval_tasks: int = 64, num_workers: int = 0,
                mesh: Optional[jax.sharding.Mesh] = None,
                memory_budget: Union[None, str, int] = None,
-               shapes_only: bool = False):
+               shapes_only: bool = False, online: Optional[Online] = None):
     if not isinstance(task, Task):
       raise TypeError(
           f"task must be a metaflow.Task, got {type(task).__name__}.")
@@ -196,12 +212,20 @@ class BilevelTrainer:
       raise TypeError(
           f"Task {task.name or type(task).__name__!r} must implement "
           "dataset(split, seed) or episodes(split, seed, num_inner_steps).")
+    self.online = self._check_online(online, num_inner_steps)
+    if meta_batch_size is None:
+      meta_batch_size = self.online.population if self.online.enabled else 4
     for name, value, low in (("meta_batch_size", meta_batch_size, 1),
                              ("num_eval_tasks", num_eval_tasks, 1),
                              ("num_workers", num_workers, 0),
                              ("seed", seed, 0)):
       check_int(name, value, low)
     data.check_split(eval_split)
+    if self.online.enabled and meta_batch_size != self.online.population:
+      raise ValueError(
+          f"meta_batch_size ({meta_batch_size}) must equal the online "
+          f"population ({self.online.population}): each meta-step runs one "
+          "window per learner; leave meta_batch_size unset.")
     if outer_optimizer is None:
       outer_optimizer = optax.adam(1e-3)
     if not isinstance(outer_optimizer, optax.GradientTransformation):
@@ -251,6 +275,12 @@ class BilevelTrainer:
         self.strategy)
     self._adapt = inner_loop(f.inner_loss, f.optimizer, self.num_inner_steps,
                              "standard")
+    if self.online.enabled:
+      theta_per_learner = (self._chunked(self.theta_shardings)
+                           if self._split_examples else
+                           jax.tree.map(lambda _: self._population_sharding(),
+                                        theta_shapes))
+      self._learner_theta_shardings = theta_per_learner
     self.state_shardings = self._state_shardings()
     #: With strategy="auto": the `planner.Candidate`s compiled, in order.
     self.auto_table: Optional[list] = None
@@ -259,10 +289,13 @@ class BilevelTrainer:
     self._init = jax.jit(self._initial_state,
                          out_shardings=self.state_shardings)
     self._step = self._jit_step()
-    self._jit_value_and_grad = jax.jit(
-        self._value_and_grad,
-        in_shardings=(self.state_shardings.eta, self._batch_shardings,
-                      self.theta_shardings))
+    # From fresh models, and (online) from the population's carried state.
+    self._jit_value_and_grad = {
+        carried: jax.jit(self._value_and_grad, in_shardings=(
+            self.state_shardings.eta, self._batch_shardings,
+            self.theta_shardings,
+            self.state_shardings.learners if carried else None))
+        for carried in (False, True)}
     self._eval_cache = {}
 
   # ------------------------------------------------------------- sharding
@@ -302,6 +335,7 @@ class BilevelTrainer:
     for s in planner.candidates(self.num_inner_steps, self._batch_divisor()):
       try:
         self.task.check_strategy(s)
+        self.spec.check_strategy(s)
       except ValueError as e:
         refused[s.name] = str(e)
         continue
@@ -340,6 +374,31 @@ class BilevelTrainer:
     self._use_strategy(choice)
     logging.info("strategy auto, candidates per device:\n%s\nchosen: %s",
                  planner.table(self.auto_table, budget), choice.name)
+
+  def _check_online(self, online: Optional[Online],
+                    num_inner_steps: int) -> Online:
+    """The online setting, refused (before compiling) where it cannot
+    work."""
+    if online is None:
+      return Online()
+    if not isinstance(online, Online):
+      raise TypeError(f"online must be a metaflow.Online, got "
+                      f"{type(online).__name__}.")
+    if not online.enabled:
+      return online
+    online.check(check_num_steps(num_inner_steps))
+    if self.spec.learn_init:
+      raise ValueError(
+          "Online learners cannot meta-learn an initialisation (learn_init): "
+          "a window starts from a learner's carried state, a constant of "
+          "eta, so eta['init'] would get no meta-gradient.")
+    lr = self.spec.learning_rate
+    if isinstance(lr, LearnedLearningRates) and lr.per_step:
+      raise ValueError(
+          "Online learners cannot use per-step learned learning rates "
+          "(per_step=True): they index an episode's inner steps, and a "
+          "learner's steps run on across windows.")
+    return online
 
   def _require_concrete(self, what: str) -> None:
     if self.shapes_only:
@@ -470,7 +529,31 @@ class BilevelTrainer:
         step=self._replicated, eta=eta,
         opt_state=sharding.optimizer_state_shardings(
             self._outer, state.opt_state, eta, self.mesh),
-        rng=self._replicated)
+        rng=self._replicated,
+        learners=self._learners_shardings(state))
+
+  def _population_sharding(self) -> NamedSharding:
+    """The learners' leading axis P split like a meta-batch's episodes."""
+    return NamedSharding(self.mesh, PartitionSpec(sharding.BATCH_AXES))
+
+  def _learners_shardings(self, state: TrainState) -> Optional[Learners]:
+    """The population's shardings: per learner, theta and s laid out like
+    the inner loop's carry (split over ``fsdp`` for `Task.example_axes`
+    tasks, a replicated leading P), or whole learners split over the
+    devices like episodes; None offline."""
+    if state.learners is None:
+      return None
+    if not self._split_examples:
+      return jax.tree.map(lambda _: self._population_sharding(),
+                          state.learners)
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                       state.learners.opt_state)
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.eta)
+    opt_state = sharding.optimizer_state_shardings(
+        self.functional.optimizer(zeros), one, self.theta_shardings,
+        self.mesh)
+    return Learners(self._learner_theta_shardings, self._chunked(opt_state),
+                    self._replicated)
 
   def _theta0(self, eta: dict, theta_base: PyTree) -> PyTree:
     """theta0, laid out like theta (the inner loop's carry follows it)."""
@@ -491,8 +574,24 @@ class BilevelTrainer:
     # theta_init (copied into eta["init"]) with it.
     eta = jax.tree.map(jnp.copy, self.spec.init(k_eta, theta_init,
                                                 self.num_inner_steps))
+    learners = None
+    if self.online.enabled:  # at age 0; `warm_up` staggers them
+      params, opt_state = self._fresh_learners(
+          jax.random.fold_in(jax.random.PRNGKey(self.seed), 1), eta)
+      learners = Learners(params, opt_state,
+                          jnp.zeros([self.online.population], jnp.int32))
     return TrainState(step=jnp.zeros([], jnp.int32), eta=eta,
-                      opt_state=self._outer.init(eta), rng=key)
+                      opt_state=self._outer.init(eta), rng=key,
+                      learners=learners)
+
+  def _fresh_learners(self, key: jax.Array, eta: PyTree
+                      ) -> tuple[PyTree, PyTree]:
+    """P fresh models (one key each) and fresh inner optimiser states:
+    ``(theta, s)`` with leading axis P."""
+    theta = jax.vmap(lambda k: self._init_model(k)[0])(
+        jax.random.split(key, self.online.population))
+    opt_state = jax.vmap(self.functional.optimizer(eta).init)(theta)
+    return theta, opt_state
 
   def init_state(self) -> TrainState:
     """The initial `TrainState` (deterministic given ``seed``), laid out in
@@ -510,6 +609,8 @@ class BilevelTrainer:
         "num_inner_steps": self.num_inner_steps,
         "meta_batch_size": self.meta_batch_size,
         "seed": self.seed,
+        **({"online": dataclasses.asdict(self.online)}
+           if self.online.enabled else {}),
         "state": _shapes(state),
         "run": dict(run_config or {}),
     }
@@ -521,32 +622,97 @@ class BilevelTrainer:
     return iter(data.meta_batches(episodes, self.meta_batch_size,
                                   self.num_workers, owned=owned))
 
+  @functools.cached_property
+  def _warm_window(self):
+    def window(learners, eta, batch, target_age):
+      def one(episode, theta, s):
+        inner, _ = self.task.split_episode(episode, self.num_inner_steps)
+        theta = jax.lax.with_sharding_constraint(theta, self.theta_shardings)
+        result = self._adapt(eta, theta, inner, s)
+        return result.params, result.opt_state
+      params, opt_state = self._vmap(one)(batch, learners.params,
+                                          learners.opt_state)
+      return online_lib.warm_window(learners, params, opt_state,
+                                    self.num_inner_steps, target_age)
+    shardings = self.state_shardings.learners
+    return jax.jit(window, donate_argnums=0,
+                   in_shardings=(shardings, self.state_shardings.eta,
+                                 self._batch_shardings, self._replicated),
+                   out_shardings=shardings)
+
+  def warm_up(self, state: TrainState, batches) -> TrainState:
+    """Staggers a fresh online population (`metaflow.online`): learner p
+    trains with the state's eta, one window of T inner steps per training
+    meta-batch read from ``batches`` (the iterator `fit` then continues),
+    until it is `Online.initial_ages` steps old. Nothing is differentiated;
+    the state's learners are donated. Offline: ``state`` as it is."""
+    self._require_concrete("warm_up")
+    if state.learners is None:
+      return state
+    target = self.online.initial_ages(self.num_inner_steps)
+    windows = int(target.max()) // self.num_inner_steps
+    if windows == 0:
+      return state
+    logging.info("Online: warming up %d learners to ages %s (%d windows of "
+                 "T=%d inner steps).", self.online.population,
+                 target.tolist(), windows, self.num_inner_steps)
+    progress = metrics_lib.report_progress(windows, None)
+    learners = state.learners
+    target = jax.device_put(target, self._replicated)
+    for w in range(1, windows + 1):
+      learners = self._warm_window(learners, state.eta,
+                                   self._global(next(batches)), target)
+      jax.block_until_ready(learners)  # one in flight (see `_summarise`)
+      progress(w)
+    return state._replace(learners=learners)
+
   # --------------------------------------------------------------- the step
   def _theta_base(self, key: jax.Array, theta_init: PyTree) -> PyTree:
     if self.task.resample_init and not self.spec.learn_init:
       return self._init_model(key)[0]
     return theta_init
 
-  def _value_and_grad(self, eta: dict, batch: PyTree, theta_base: PyTree):
+  def _value_and_grad(self, eta: dict, batch: PyTree, theta_base: PyTree,
+                      learners: Optional[Learners] = None):
+    """``((mean V, MetaAux of each episode), d mean V / d eta)`` over the
+    meta-batch: episodes from ``theta0(eta, theta_base)``, or (``learners``
+    given) windows from each learner's carried (theta, s), constants of
+    eta."""
+    carried = None if learners is None else (learners.params,
+                                             learners.opt_state)
+
     def value(eta):
-      def one(episode):
+      def one(episode, carried):
         inner, outer = self.task.split_episode(episode, self.num_inner_steps)
-        return self.meta_gradient.objective(
-            eta, self._theta0(eta, theta_base), inner, outer)
-      values, aux = self._vmap(one)(batch)
+        if carried is None:
+          theta0, s0 = self._theta0(eta, theta_base), None
+        else:
+          theta0, s0 = carried
+          theta0 = jax.lax.with_sharding_constraint(theta0,
+                                                    self.theta_shardings)
+        return self.meta_gradient.objective(eta, theta0, inner, outer, s0)
+      values, aux = self._vmap(one)(batch, carried)
       return jnp.mean(values), aux
     return jax.value_and_grad(value, has_aux=True)(eta)
 
-  def meta_value_and_grad(self, eta: dict, batch: PyTree
+  def meta_value_and_grad(self, eta: dict, batch: PyTree,
+                          learners: Optional[Learners] = None
                           ) -> tuple[jax.Array, dict]:
     """``(value, d value / d eta)`` for a meta-batch (leaves ``[B, ...]``;
     with several processes, this process's share, as `train_batches`
     yields): the mean outer loss after T inner steps over the B episodes,
     and its meta-gradient (with this trainer's strategy), from the model's
-    initialisation unless theta0 is learned. Jitted; nothing is updated."""
+    initialisation unless theta0 is learned, or, given the population
+    ``learners`` (an online trainer's ``state.learners``), from each
+    learner's carried (theta, s): the meta-step's window meta-gradient.
+    Jitted; nothing is updated."""
     self._require_concrete("meta_value_and_grad")
-    (value, _), grads = self._jit_value_and_grad(
-        self._place_eta(eta), self._global(batch), self.theta_init)
+    if learners is not None and not self.online.enabled:
+      raise ValueError("learners given to an offline trainer (online "
+                       "population 0).")
+    (value, _), grads = self._jit_value_and_grad[learners is not None](
+        self._place_eta(eta), self._global(batch), self.theta_init,
+        learners)
     return value, grads
 
   def _place_eta(self, eta: dict) -> dict:
@@ -568,7 +734,9 @@ class BilevelTrainer:
     Static memory is the device's share of the B x T stored copies of the
     inner carry (theta, s) (B x `Strategy.stored_carries` with segments):
     its episodes' carries (B / devices when whole episodes are split), each
-    of them the device's shard of (theta, s).
+    of them the device's shard of (theta, s). With online learners the
+    population's state, an argument of the step, is the rest of it
+    (``population_bytes``).
     """
     state = jax.eval_shape(self._initial_state, self.theta_init)
     eta = self._abstract(state.eta, self.state_shardings.eta)
@@ -596,14 +764,20 @@ class BilevelTrainer:
               self.theta_shardings, self.mesh)))
       static = (episodes_per_device * carry
                 * self.strategy.stored_carries(self.num_inner_steps))
+    learners, population = None, None
+    if state.learners is not None:
+      learners = self._abstract(state.learners, self.state_shardings.learners)
+      population = sharding.shard_bytes(state.learners,
+                                        self.state_shardings.learners)
     if whole_step:
       compiled = self._jit_step().lower(
           self._abstract(state, self.state_shardings), batch,
           theta_init).compile()
-      return memory.report(compiled, static)
+      return memory.report(compiled, static, population)
     # A fresh function: nothing traced for another strategy is reused.
     return memory.analyze(lambda *args: self._value_and_grad(*args), eta,
-                          batch, theta_init, static_bytes=static)
+                          batch, theta_init, learners, static_bytes=static,
+                          population_bytes=population)
 
   def floor_memory(self) -> dict[str, memory.MemoryReport]:
     """XLA's compiled memory, per device and from shapes only, of the two
@@ -643,9 +817,12 @@ class BilevelTrainer:
 
   def _meta_step(self, state: TrainState, batch: PyTree, theta_init: PyTree):
     rng, key = jax.random.split(state.rng)
-    theta_base = self._theta_base(key, theta_init)
-    (outer_loss, aux), meta_grads = self._value_and_grad(
-        state.eta, batch, theta_base)
+    if state.learners is None:
+      (outer_loss, aux), meta_grads = self._value_and_grad(
+          state.eta, batch, self._theta_base(key, theta_init))
+    else:  # one window per learner from its carried (theta, s)
+      (outer_loss, aux), meta_grads = self._value_and_grad(
+          state.eta, batch, None, state.learners)
     # apply_if_finite looks at the meta-gradient only: a non-finite outer
     # loss (with a finite meta-gradient, e.g. an inf in a term without eta)
     # marks it too. A skipped step's update is zero: eta and the outer
@@ -665,7 +842,13 @@ class BilevelTrainer:
         "skipped_steps": finite_state.total_notfinite,
         "consecutive_skips": finite_state.notfinite_count,
     }
-    return TrainState(state.step + 1, eta, opt_state, rng), step_metrics
+    learners = state.learners
+    if learners is not None:  # carried forward; replaced at the lifetime
+      learners = online_lib.advance(
+          aux.params, aux.opt_state, learners.age, self.num_inner_steps,
+          self.online.lifetime, lambda: self._fresh_learners(key, eta))
+    return (TrainState(state.step + 1, eta, opt_state, rng, learners),
+            step_metrics)
 
   def step(self, state: TrainState, batch: PyTree
            ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -728,6 +911,64 @@ class BilevelTrainer:
     result = self._evaluate(self._place_eta(eta), self.theta_init, episodes,
                             num_tasks)
     return {k: float(v) for k, v in result.items()}
+
+  @functools.cached_property
+  def _curve_fns(self):
+    """`inner_curve`'s jitted window ``(eta, theta, s, inner) -> (theta,
+    s)`` and held-out loss ``(eta, theta, outer batches) -> mean V``."""
+    f = self.functional
+    window = jax.jit(lambda eta, theta, s, inner: self._adapt(
+        eta, theta, inner, s)[:2])
+    loss = jax.jit(lambda eta, theta, outer: jnp.mean(jax.lax.map(
+        lambda batch: f.outer_loss(theta, eta, batch), outer)))
+    return window, loss
+
+  def inner_curve(self, eta: dict, num_steps: int, *, eval_every: int,
+                  split: str = "test", num_eval_batches: int = 8,
+                  seed: Optional[int] = None) -> list[tuple[int, float]]:
+    """A fresh inner model trained for ``num_steps`` inner steps with
+    ``eta`` frozen (nothing is differentiated), and its held-out loss curve.
+
+    The model starts from this trainer's initialisation (``theta0(eta)``:
+    the same start for every eta compared) with a fresh inner optimiser
+    state, and trains on the inner batches of consecutive ``"train"``
+    episodes (windows of T, the state carried across them: a stream of
+    batches for the language-model tasks). Every ``eval_every`` steps (and
+    at 0 and the end) it records V, the mean outer loss over the outer
+    batches of the first ``num_eval_batches`` episodes of ``split``.
+    Per-step learned learning rates past the T-th step use the last one.
+
+    Returns:
+      ``[(step, held-out loss), ...]``.
+    """
+    self._require_concrete("inner_curve")
+    t = self.num_inner_steps
+    check_int("num_steps", num_steps)
+    check_int("eval_every", eval_every)
+    check_int("num_eval_batches", num_eval_batches)
+    data.check_split(split)
+    if num_steps % t or eval_every % t:
+      raise ValueError(f"num_steps ({num_steps}) and eval_every "
+                       f"({eval_every}) must be multiples of T={t}: the "
+                       "model trains in windows of T inner steps.")
+    seed = self.seed if seed is None else seed
+    episodes = self.task.episodes("train", seed, t)
+    held_out = data.take(self.task.episodes(split, seed, t),
+                         num_eval_batches)
+    outer = jax.vmap(lambda e: self.task.split_episode(e, t)[1])(held_out)
+    f = self.functional
+    window, loss = self._curve_fns
+    eta = jax.device_get(eta)
+    theta = self.spec.theta0(eta, jax.device_get(self.theta_init))
+    s = f.optimizer(eta).init(theta)
+    curve = [(0, float(loss(eta, theta, outer)))]
+    for k in range(num_steps // t):
+      inner, _ = self.task.split_episode(episodes[k], t)
+      theta, s = window(eta, theta, s, inner)
+      done = (k + 1) * t
+      if done % eval_every == 0 or done == num_steps:
+        curve.append((done, float(loss(eta, theta, outer))))
+    return curve
 
   # -------------------------------------------------------------- the loop
   @functools.cached_property
@@ -802,6 +1043,7 @@ class BilevelTrainer:
     batches = self.train_batches()
     checkpointer = None
     logdir = None
+    restored = None
     if workdir is not None:
       workdir = checkpoint_lib.check_workdir(workdir)
       logdir = workdir
@@ -815,6 +1057,8 @@ class BilevelTrainer:
                      checkpointer.directory, int(state.step),
                      checkpointer.info(int(state.step)).get("strategy"),
                      self.strategy.name)
+    if restored is None:  # a fresh online population is staggered first
+      state = self.warm_up(state, batches)
     writer = metrics_lib.create_writer(logdir, console=console)
     progress = metrics_lib.report_progress(num_meta_steps, writer)
     history = []

@@ -41,9 +41,14 @@ class MetaAux(NamedTuple):
     outer_loss: scalar ``V(theta_T, eta, x_val)``.
     inner_losses: ``[T]``, ``L(theta_t, eta, x_t)`` for ``t = 0 .. T-1``
       (each evaluated before the step that uses it).
+    params: theta_T, the end of the inner loop (not differentiated through
+      the aux output; what an online learner carries to its next window).
+    opt_state: s_T, the inner optimiser's state at the end.
   """
   outer_loss: jax.Array
   inner_losses: jax.Array
+  params: PyTree = None
+  opt_state: PyTree = None
 
 
 class InnerLoopResult(NamedTuple):
@@ -105,15 +110,35 @@ def _check_scalar_loss(name: str, loss_fn: Loss, *args) -> None:
         f"returned {desc}. Reduce it (e.g. with jnp.mean) to a scalar.")
 
 
+def _check_opt_state(opt_state0: PyTree, expected: PyTree) -> None:
+  """``opt_state0`` must have the structure and shapes of ``opt.init``'s."""
+  if jax.tree.structure(opt_state0) != jax.tree.structure(expected):
+    raise ValueError(
+        "opt_state0 must have the structure of the inner optimiser's state "
+        f"opt.init(theta0), {jax.tree.structure(expected)}; got "
+        f"{jax.tree.structure(opt_state0)}.")
+  for path, got, want in zip(
+      (p for p, _ in jax.tree_util.tree_leaves_with_path(expected)),
+      jax.tree.leaves(opt_state0), jax.tree.leaves(expected)):
+    if jnp.shape(got) != want.shape:
+      raise ValueError(
+          f"opt_state0 leaf {jax.tree_util.keystr(path)} has shape "
+          f"{jnp.shape(got)}, but opt.init(theta0) gives {want.shape}.")
+
+
 def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
                strategy: Union[str, Strategy] = "mixflow"
-               ) -> Callable[[PyTree, PyTree, PyTree], InnerLoopResult]:
-  """Builds ``(eta, theta0, inner_batches) -> InnerLoopResult``: T inner steps.
+               ) -> Callable[..., InnerLoopResult]:
+  """Builds ``(eta, theta0, inner_batches, opt_state0=None) ->
+  InnerLoopResult``: T inner steps.
 
   The returned function runs ``jax.lax.scan`` over the leading axis (length T)
-  of ``inner_batches``, with carry ``(theta, s)``. It is differentiable with
-  respect to ``eta`` and ``theta0``; how is set by ``strategy`` (for
-  ``implicit``, theta_T is differentiated implicitly, `metaflow.implicit`).
+  of ``inner_batches``, with carry ``(theta, s)`` starting at ``(theta0,
+  opt_state0)`` (``opt_state0=None``: a fresh ``opt.init(theta0)``; given,
+  e.g. the state an online learner carries from its previous window, it
+  must have that structure). It is differentiable with respect to ``eta``
+  and ``theta0``; how is set by ``strategy`` (for ``implicit``, theta_T is
+  differentiated implicitly, `metaflow.implicit`).
   """
   strategy = Strategy.parse(strategy)
   num_steps = check_num_steps(num_steps)
@@ -126,7 +151,7 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
       strategy.microbatches, "inner batch", remat=strategy.mode == "standard")
   segment_length = strategy.segment_length_for(num_steps)
 
-  def run(eta, theta0, inner_batches):
+  def run(eta, theta0, inner_batches, opt_state0=None):
     _check_leading_axis(inner_batches, num_steps)
     one_batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
@@ -149,7 +174,11 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
       # prevent_cse=False is safe (and cheaper) inside a scan.
       step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
-    carry = (theta0, opt.init(theta0))
+    if opt_state0 is None:
+      opt_state0 = opt.init(theta0)
+    else:
+      _check_opt_state(opt_state0, jax.eval_shape(opt.init, theta0))
+    carry = (theta0, opt_state0)
     if segment_length is None:
       (theta_T, s_T), losses = jax.lax.scan(step, carry, inner_batches,
                                             length=num_steps)
@@ -165,12 +194,19 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class MetaGradient:
-  """``(eta, theta0, inner_batches, outer_batch) -> (value, meta_grads)``.
+  """``(eta, theta0, inner_batches, outer_batch[, opt_state0]) -> (value,
+  meta_grads)``.
 
   Built by `meta_value_and_grad` (or, with ``has_aux=True``, by
   `meta_value_and_grad_with_aux`, which returns ``((value, MetaAux),
   meta_grads)``). ``value`` is the scalar ``V(theta_T, eta, x_val)`` and
   ``meta_grads = dV/deta`` has the structure of ``eta``. Jit- and vmap-able.
+
+  ``opt_state0`` (default None: ``opt.init(theta0)``) is the inner
+  optimiser's state at the start, e.g. an online learner's carried s. Only
+  eta is differentiated: ``theta0`` and ``opt_state0`` are constants of it
+  (the truncated meta-gradient of a window that starts from a carried
+  state).
   """
 
   inner_loss: Loss
@@ -194,7 +230,8 @@ class MetaGradient:
     object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
 
   def objective(self, eta: PyTree, theta0: PyTree, inner_batches: PyTree,
-                outer_batch: PyTree) -> tuple[jax.Array, MetaAux]:
+                outer_batch: PyTree, opt_state0: PyTree = None
+                ) -> tuple[jax.Array, MetaAux]:
     """``(V(theta_T, eta, x_val), MetaAux)``: the meta-objective itself.
 
     Differentiating it with respect to eta (e.g. after ``jax.vmap`` over
@@ -207,18 +244,21 @@ class MetaGradient:
       raise ValueError("theta0 is None but no init_params was given to "
                        "meta_value_and_grad.")
     result = inner_loop(self.inner_loss, self.optimizer, self.num_steps,
-                        self.strategy)(eta, theta0, inner_batches)
+                        self.strategy)(eta, theta0, inner_batches, opt_state0)
     _check_scalar_loss("outer_loss", self.outer_loss, result.params, eta,
                        outer_batch)
     # With microbatches, V's gradient is accumulated chunk by chunk too.
     value = microbatch.mean_over_chunks(
         self.outer_loss, self.strategy.microbatches, "outer batch",
         remat=True)(result.params, eta, outer_batch)
-    return value, MetaAux(outer_loss=value, inner_losses=result.inner_losses)
+    return value, MetaAux(value, result.inner_losses, result.params,
+                          result.opt_state)
 
-  def __call__(self, eta, theta0, inner_batches, outer_batch):
+  def __call__(self, eta, theta0, inner_batches, outer_batch,
+               opt_state0=None):
     (value, aux), meta_grads = jax.value_and_grad(
-        self.objective, has_aux=True)(eta, theta0, inner_batches, outer_batch)
+        self.objective, has_aux=True)(eta, theta0, inner_batches, outer_batch,
+                                      opt_state0)
     if self.has_aux:
       return (value, aux), meta_grads
     return value, meta_grads
@@ -257,7 +297,9 @@ def meta_value_and_grad(
   """The meta-gradient of the outer loss through T unrolled inner steps.
 
   ``fn = meta_value_and_grad(L, V, optimizer, T, strategy, init_params)``, then
-  ``value, meta_grads = fn(eta, theta0, inner_batches, outer_batch)``.
+  ``value, meta_grads = fn(eta, theta0, inner_batches, outer_batch)``
+  (optionally ``opt_state0``: the inner optimiser's state to start from,
+  default a fresh one).
 
   Args:
     inner_loss: ``L(theta, eta, batch) -> scalar``.

@@ -111,7 +111,8 @@ def tree_rel_error(a, b) -> float:
   return float(np.sqrt(num / den))
 
 
-def trainer_strategy_errors(make_trainer, scale: float = 0.05):
+def trainer_strategy_errors(make_trainer, scale: float = 0.05,
+                            learners=None):
   """Relative errors of every exact strategy's (value, meta-gradient)
   against ``standard``'s, on one meta-train episode and all compiled in one
   program.
@@ -123,6 +124,8 @@ def trainer_strategy_errors(make_trainer, scale: float = 0.05):
   the comparison is not vacuous: the meta-gradient is not ~0 and every
   meta-parameter gets some. Returns ``{strategy name: (value error,
   gradient error)}``, one entry for each exact strategy but standard.
+  ``learners``: an online trainer's population, whose windows (one per
+  learner, a meta-batch of P episodes) are compared instead.
   """
   trainers = [make_trainer(s) for s in metaflow.exact_strategies()]
   first = trainers[0]
@@ -132,12 +135,14 @@ def trainer_strategy_errors(make_trainer, scale: float = 0.05):
   eta = jax.tree.unflatten(tree, [
       x + scale * jax.random.normal(k, x.shape, x.dtype)
       for x, k in zip(leaves, keys)])
-  batch = data.take(first.task.episodes("train", 0, first.num_inner_steps), 1)
+  episodes = 1 if learners is None else first.meta_batch_size
+  batch = data.take(first.task.episodes("train", 0, first.num_inner_steps),
+                    episodes)
 
-  def everything(eta, batch, theta):
-    return [t._value_and_grad(eta, batch, theta) for t in trainers]
+  def everything(eta, batch, theta, learners):
+    return [t._value_and_grad(eta, batch, theta, learners) for t in trainers]
 
-  args = (eta, batch, first.theta_init)
+  args = (eta, batch, first.theta_init, learners)
   results = jax.jit(everything).lower(*args).compile(
       compiler_options=FAST_COMPILE)(*args)
   (ref_value, _), ref_grads = results[0]

@@ -21,6 +21,7 @@ SINUSOID = ["--task=sinusoid_maml"]
 FEWSHOT = ["--task=fewshot_classification"]
 LM = ["--task=lm_maml", "--config.task.preset=nano",
       "--config.task.seq_len=32"]
+LM_RATER = ["--task=lm_data_rater", "--config.task.preset=nano"]
 
 
 def _file(d, name, content: bytes):
@@ -198,6 +199,22 @@ CASES = [
      "is set"),
     ("text-is-a-folder", lambda d: LM + [f"--config.task.data_path={d}"],
      "error: "),
+    # Online learners and the data rater.
+    ("negative-population", lambda d: LM
+     + ["--config.online.population=-1"],
+     "error: config.online.population must be an int >= 0, got -1."),
+    ("lifetime-not-whole-windows", lambda d: LM_RATER
+     + ["--config.online.lifetime=3"],
+     "error: Online.lifetime (N=3) must be a multiple of num_inner_steps "
+     "(T=2)"),
+    ("online-learned-init", lambda d: LM + [
+        "--config.online.population=1", "--config.online.lifetime=4"],
+     "error: Online learners cannot meta-learn an initialisation"),
+    ("missing-target-text", lambda d: LM_RATER
+     + [f"--config.task.target_path={d / 'missing.txt'}"], "missing.txt"),
+    ("zero-temperature", lambda d: LM_RATER
+     + ["--config.task.temperature=0.0"],
+     "error: temperature must be a finite number > 0, got 0.0."),
 ]
 
 

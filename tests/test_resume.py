@@ -119,15 +119,15 @@ def _steps(ckpt_dir):
           any("tmp" in d for d in names))
 
 
-def _interrupt(workdir, signum, during_write, rng):
-  """Launches the run in ``workdir`` and sends ``signum`` once it has
-  finalised a checkpoint beyond those it started with, either while it
-  writes the next one or at a random moment after; returns the process
-  (finished), its stdout and stderr, and the last finalised step it was
-  seen to reach."""
+def _interrupt(workdir, signum, during_write, rng, cmd=None):
+  """Launches the run in ``workdir`` (``cmd``, default `_train_cmd`) and
+  sends ``signum`` once it has finalised a checkpoint beyond those it
+  started with, either while it writes the next one or at a random moment
+  after; returns the process (finished), its stdout and stderr, and the
+  last finalised step it was seen to reach."""
   ckpt_dir = workdir / "checkpoints"
   known = _steps(ckpt_dir)[0]
-  proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, text=True,
+  proc = subprocess.Popen(cmd or _train_cmd(workdir), cwd=REPO, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 240
   seen = None
@@ -194,3 +194,38 @@ def test_sigterm_at_five_moments_loses_no_step(tmp_path, straight_run):
     assert f"stopped by SIGTERM after meta-step {step} of {META_STEPS}" in out
     assert seen <= step < META_STEPS
   _finish_and_compare(tmp_path, straight_run)
+
+
+def _online_cmd(workdir):
+  """An online run (P=2 persistent learners living N=4 inner steps, windows
+  of T=2) of learned learning rates for inner Adam."""
+  return [sys.executable, "-m", "launch.train",
+          "--task", "tests.test_online:Fresh", f"--workdir={workdir}",
+          "--meta_steps=400", "--inner_steps=2",
+          "--config.online.population=2", "--config.online.lifetime=4",
+          "--config.checkpoint_every=20", "--config.num_eval_tasks=4",
+          "--config.log_every=200"]
+
+
+def test_online_run_resumes_exactly_after_sigkill(tmp_path):
+  """Killed mid-run and relaunched, an online run ends with the same eta,
+  outer optimiser state and every learner's (theta, s, age), array by
+  array, as a run never stopped."""
+  straight = tmp_path / "straight"
+  done = subprocess.run(_online_cmd(straight), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  killed = tmp_path / "killed"
+  proc, *_ = _interrupt(killed, signal.SIGKILL, False,
+                        np.random.default_rng(2), _online_cmd(killed))
+  assert proc.returncode == -signal.SIGKILL
+  assert 0 < max(_steps(killed / "checkpoints")[0]) < 400
+  done = subprocess.run(_online_cmd(killed), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  (step, state, position), expected = _final(killed), _final(straight)
+  assert step == expected[0] == 400 and position == expected[2]
+  assert set(state) == {"step", "eta", "opt_state", "rng", "learners"}
+  assert_trees_identical(state, expected[1])
+  ages = np.asarray(state["learners"]["age"])
+  assert ages.shape == (2,) and set(ages) <= {0, 2}

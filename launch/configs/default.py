@@ -22,7 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.cg_damping = 0.0           # implicit only: (H + damping I) u = v
   config.inner_steps = 5            # T
   config.meta_steps = 1000          # total meta-steps (a resumed run continues)
-  config.meta_batch_size = 4        # episodes per meta-step
+  config.meta_batch_size = 4        # episodes per meta-step (offline)
+  # Persistent inner learners (metaflow.Online): population P > 0 keeps P
+  # learners whose windows of inner_steps continue across meta-steps, each
+  # replaced by a fresh model after lifetime N inner steps (a multiple of
+  # inner_steps). The meta-batch is then the population: meta_batch_size is
+  # not used. 0: off, every episode starts afresh.
+  config.online = ml_collections.ConfigDict()
+  config.online.population = 0
+  config.online.lifetime = 0
   config.outer_optimizer = "adam"   # adam | sgd
   config.outer_lr = 1e-3
   config.seed = 0

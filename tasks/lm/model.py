@@ -27,7 +27,8 @@ nested dict (the model holds no other state)::
    "head": {"kernel": [width, vocab]}}
 
 Presets (`PRESETS`, `preset`): ``"nano"``, ``"tiny"`` and ``"small"`` (0.8M
-parameters) for tests and quick runs, and the Chinchilla scaling ladder
+parameters) for tests and quick runs, ``"rater"`` (the data rater's trunk),
+and the Chinchilla scaling ladder
 (Hoffmann et al., 2022, Table A9: d_model, ffw_size = 4 d_model, kv_size,
 n_heads, n_layers), named ``"chinchilla_<N>m"`` after Chinchilla's own
 parameter counts N (millions), which include the embeddings of its ~32k-token
@@ -261,7 +262,8 @@ class Transformer(nnx.Module):
   logits have dtype float32 (float64 when the compute dtype is float64).
   """
 
-  def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, rngs: nnx.Rngs,
+               head: bool = True):
     dtypes = _Dtypes.of(config)
     self.config = config
     self.dtypes = dtypes
@@ -275,11 +277,17 @@ class Transformer(nnx.Module):
 
     self.blocks = make_blocks(rngs)  # STACKED_KEY
     self.final_norm = RMSNorm(config.width, dtypes)
-    self.head = _linear(config.width, config.vocab_size, dtypes, rngs,
-                        preferred_element_type=dtypes.acc)
+    if head:  # (without: a trunk for `hidden`, e.g. a sequence rater's)
+      self.head = _linear(config.width, config.vocab_size, dtypes, rngs,
+                          preferred_element_type=dtypes.acc)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Logits ``[B, L, vocab]`` of int tokens ``[B, L]`` (any int dtype)."""
+    return self.head(self.hidden(tokens))
+
+  def hidden(self, tokens: jax.Array) -> jax.Array:
+    """The final (normalised) residual stream ``[B, L, width]`` of int
+    tokens ``[B, L]``."""
     _, length = tokens.shape
     if length > self.config.max_length:
       raise ValueError(f"Sequence length {length} is above the model's "
@@ -295,7 +303,7 @@ class Transformer(nnx.Module):
     if self.config.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
     x, _ = jax.lax.scan(layer, x, stacked)
-    return self.head(self.final_norm(x))
+    return self.final_norm(x)
 
 
 def next_token_losses(model: Transformer, tokens: jax.Array) -> jax.Array:
@@ -366,6 +374,9 @@ def _ladder_preset(d_model: int, kv_size: int, heads: int, layers: int
 
 PRESETS: dict[str, TransformerConfig] = {
     "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),
+    # lm_data_rater's default rater: ~5k parameters, ~25x fewer than tiny.
+    "rater": TransformerConfig(width=16, depth=1, num_heads=2,
+                               max_length=_LADDER_MAX_LENGTH),
     "tiny": TransformerConfig(width=64, depth=2, num_heads=4,
                               max_length=_LADDER_MAX_LENGTH),
     "small": TransformerConfig(width=128, depth=4, num_heads=4,

@@ -18,6 +18,12 @@ part: ``"outer"`` during meta-training, the held-out ``"validation"`` or
                        context to a weight in [0, 2] on its inner loss; eta
                        enters L, so the meta-gradient needs the mixed second
                        derivative d2L/dtheta deta (MixFlow-MG's H_et v).
+``lm_data_rater``      DataRater (Calian et al., 2025): a small transformer
+                       scores each training sequence, the scores compete in
+                       a softmax over the inner batch that weights the
+                       per-sequence losses, and V is measured on a target
+                       text (by default the pool's own outer part); eta
+                       enters L, as for lm_loss_weighting.
 =====================  =====================================================
 
 Defaults: the ``tiny`` preset, sequences of 128 bytes, B=4, inner Adam with
@@ -38,7 +44,7 @@ import optax
 from flax import nnx
 
 from metaflow import optim
-from metaflow._checks import check_int
+from metaflow._checks import check_int, check_number
 from metaflow.meta_params import (
   LearnedLearningRates,
   LossWeights,
@@ -53,6 +59,11 @@ from tasks.lm import text
 def _check_sizes(task: Task, names: tuple[str, ...]) -> None:
   for name in names:
     check_int(name, getattr(task, name))
+
+
+def _paths(setting: str) -> tuple[str, ...]:
+  """A comma-separated list of files, as the tasks' path settings take."""
+  return tuple(p.strip() for p in setting.split(",") if p.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +122,7 @@ class LanguageModelTask(Task):
 
   @functools.cached_property
   def corpus(self) -> text.TextCorpus:
-    paths = tuple(p.strip() for p in self.data_path.split(",") if p.strip())
-    return text.TextCorpus(paths, seq_len=self.seq_len,
+    return text.TextCorpus(_paths(self.data_path), seq_len=self.seq_len,
                            strict_utf8=self.strict_utf8)
 
   def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -254,3 +264,118 @@ class LossWeightingLM(LanguageModelTask):
                               self.rater_hidden)
     return MetaParams(learning_rate=self.inner_lr,
                       loss_weights=LossWeights(rater, self.max_weight))
+
+
+class SequenceRater(nnx.Module):
+  """DataRater's rater: int tokens ``[B, S]`` (whole sequences) -> one score
+  per sequence ``[B]``.
+
+  A small transformer trunk (`tasks.lm.model.Transformer` without its
+  head), its final hidden states ``[B, S, W]`` averaged over the positions,
+  and a linear score whose weights start at zero: an untrained rater gives
+  every sequence the same score, so meta-training starts from plain
+  training and any separation it shows was learned.
+  """
+
+  def __init__(self, config: lm_model.TransformerConfig, rngs: nnx.Rngs):
+    self.trunk = lm_model.Transformer(config, rngs, head=False)
+    self.score = nnx.Linear(config.width, 1,
+                            kernel_init=nnx.initializers.zeros,
+                            param_dtype=self.trunk.dtypes.param, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    pooled = jnp.mean(self.trunk.hidden(tokens), axis=1)
+    return self.score(pooled.astype(self.trunk.dtypes.param))[:, 0]
+
+
+@register("lm_data_rater")
+@dataclasses.dataclass(frozen=True)
+class DataRaterLM(LanguageModelTask):
+  """Learned data curation (DataRater): a `SequenceRater` (eta) scores every
+  training sequence; the inner loss is the weighted mean of per-sequence
+  losses with weights ``B * softmax(scores / temperature)`` over the inner
+  batch of B (`LossWeights` with ``normalise="softmax"``), and V is the
+  plain mean loss of the adapted model on the target text.
+
+  Meta-train it online (``lm_data_rater``'s config: persistent learners at
+  every stage of training, `metaflow.online`), then score or filter a
+  corpus with the trained rater (`score_sequences`, ``launch.curate``).
+
+  Attributes:
+    data_path: the training pool (may be noisy), comma-separated files;
+      "" for the embedded corpus.
+    target_path: the target text(s) whose held-out loss V measures,
+      comma-separated; "" for the pool's own outer part. Its parts are used
+      as the pool's (``outer`` in meta-training, ``validation`` / ``test``
+      in evaluation).
+    rater_preset: the rater trunk's `tasks.lm.model.PRESETS` name (default
+      ``"rater"``, far smaller than the inner model).
+    temperature: the softmax temperature of the weights.
+  """
+  target_path: str = ""
+  rater_preset: str = "rater"
+  temperature: float = 1.0
+  resample_init: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "temperature", check_number(
+        "temperature", self.temperature, strict=True))
+    if self.seq_len + 1 > self.rater_config.max_length:
+      raise ValueError(
+          f"seq_len + 1 = {self.seq_len + 1} is above the maximum length "
+          f"{self.rater_config.max_length} of rater preset "
+          f"{self.rater_preset!r}.")
+    super().__post_init__()
+    self.target_corpus  # Reads and checks the target files now.
+
+  @functools.cached_property
+  def rater_config(self) -> lm_model.TransformerConfig:
+    return lm_model.preset(self.rater_preset,
+                           compute_dtype=self.compute_dtype or None)
+
+  @functools.cached_property
+  def target_corpus(self) -> Optional[text.TextCorpus]:
+    """The target text, or None (the pool's own outer part)."""
+    paths = _paths(self.target_path)
+    if not paths:
+      return None
+    return text.TextCorpus(paths, seq_len=self.seq_len,
+                           strict_utf8=self.strict_utf8)
+
+  def loss_features(self, tokens: jax.Array) -> jax.Array:
+    return tokens  # the rater reads each whole sequence
+
+  def inner_loss(self, model: nnx.Module, meta: Meta, batch: jax.Array
+                 ) -> jax.Array:
+    """``sum_b w_b l_b / B``: l_b the mean next-byte cross-entropy of
+    sequence b of ``batch`` ``[B, L+1]``, w the rater's softmax weights
+    (1 each in V, which is unweighted)."""
+    losses = jnp.mean(lm_model.next_token_losses(model, batch), axis=1)
+    return meta.weighted_mean(losses, self.loss_features(batch))
+
+  def meta_params(self) -> MetaParams:
+    rater = functools.partial(SequenceRater, self.rater_config)
+    return MetaParams(learning_rate=self.inner_lr, loss_weights=LossWeights(
+        rater, normalise="softmax", temperature=self.temperature))
+
+  def episodes(self, split: str, seed: int, num_inner_steps: int
+               ) -> grain.MapDataset:
+    """As `LanguageModelTask.episodes`, the outer batches from the target
+    text."""
+    return text.lm_episodes(self.corpus, split, seed, num_inner_steps,
+                            self.batch_size, outer_corpus=self.target_corpus)
+
+  def local_episodes(self, split: str, seed: int, num_inner_steps: int,
+                     examples: tuple[tuple[int, int], ...]
+                     ) -> grain.MapDataset:
+    return text.lm_episodes(self.corpus, split, seed, num_inner_steps,
+                            self.batch_size, rows=examples,
+                            outer_corpus=self.target_corpus)
+
+  def score_sequences(self, rater_params, tokens: jax.Array) -> jax.Array:
+    """The rater's scores ``[N]`` of sequences ``tokens`` ``[N, L+1]``
+    (``rater_params``: a trained ``eta["loss_weights"]``); higher is more
+    useful for the target. Scores of different batches are comparable:
+    the softmax only normalises within a batch."""
+    rater = nnx.merge(self.meta_params().loss_weights.graphdef, rater_params)
+    return rater(tokens)

@@ -440,7 +440,8 @@ class _Episode:
 
 def lm_episodes(corpus: TextCorpus, split: str, seed: int,
                 num_inner_steps: int, batch_size: int,
-                rows: Optional[Sequence[tuple[int, int]]] = None
+                rows: Optional[Sequence[tuple[int, int]]] = None,
+                outer_corpus: Optional[TextCorpus] = None
                 ) -> grain.MapDataset:
   """Deterministic episodes of the meta-learner for ``split``.
 
@@ -461,6 +462,9 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
       ``range(B)``, concatenated), reading only their sequences: one
       process's share when the sequences are split over processes. Default:
       all B.
+    outer_corpus: the text of the outer batches (default ``corpus``): a
+      target text, different from the training pool, whose loss V measures.
+      Its parts are used as ``corpus``'s are (`OUTER_PARTS`).
 
   Returns:
     A picklable dataset of `metaflow.data.NUM_EPISODES` episodes; item ``i``
@@ -476,6 +480,7 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
                      f"batch of {batch_size}.")
   make = _Episode(
       inner=_stream(corpus, "train", num_inner_steps * batch_size, seed, split),
-      outer=_stream(corpus, OUTER_PARTS[split], batch_size, seed, split),
+      outer=_stream(corpus if outer_corpus is None else outer_corpus,
+                    OUTER_PARTS[split], batch_size, seed, split),
       num_inner_steps=num_inner_steps, rows=positions)
   return grain.MapDataset.range(data.NUM_EPISODES).map(make)

@@ -1,0 +1,199 @@
+"""Long-horizon evaluation of a run's meta-parameters: a fresh inner model
+trained for N steps with the checkpoint's eta frozen.
+
+    python -m launch.evaluate --workdir W --inner_steps N [--baseline] \\
+        [--lr_grid] [--lr_grid_points 7] [--eval_every K] [--split test] \\
+        [--step S] [--out DIR]
+
+Meta-training sees only windows of T inner steps; this shows what its eta
+does over a model's whole training. The run is rebuilt from what its
+checkpoint recorded (the task, its settings, T, the seed: `launch.train`'s
+config, checked as a resume is), eta is restored from checkpoint ``--step``
+(default: the latest), and `BilevelTrainer.inner_curve` trains the model
+from the task's initialisation for ``N`` inner steps (a multiple of T), its
+held-out loss V on the outer batches of ``--split`` recorded every ``K``
+steps. Next to it, the same run with:
+
+* ``--baseline``: the initial eta (what meta-training started from: e.g. the
+  initial learning rates, or an untrained data rater's equal weights);
+* ``--lr_grid``: for learned learning rates (``eta["log_lr"]``, e.g.
+  ``lm_learned_lr``), every rate set to one constant, ``--lr_grid_points``
+  constants spaced evenly in log between 1/8 and 8 times the task's
+  ``inner_lr``; the best of them (lowest final loss) is reported.
+
+Writes ``DIR/evaluate.json`` (``curves``: name -> ``[[step, loss], ...]``,
+``final``: name -> last loss, ``best_constant``) and ``DIR/evaluate.png``;
+``DIR`` defaults to ``W/evaluate``. One device, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from launch import benchmark
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m launch.evaluate",
+      description="A fresh inner model trained N steps with a run's eta.")
+  p.add_argument("--workdir", required=True, help="the run's --workdir")
+  p.add_argument("--inner_steps", type=int, required=True,
+                 help="N: inner steps of the fresh model (a multiple of T)")
+  p.add_argument("--baseline", action="store_true",
+                 help="also the same run with the initial eta")
+  p.add_argument("--lr_grid", action="store_true",
+                 help="also constant learning rates (learned-rate tasks)")
+  p.add_argument("--lr_grid_points", type=int, default=7)
+  p.add_argument("--eval_every", type=int, default=0,
+                 help="steps between held-out losses (default: N/20, "
+                 "rounded to whole windows)")
+  p.add_argument("--eval_batches", type=int, default=8,
+                 help="held-out outer batches V is averaged over")
+  p.add_argument("--split", default="test",
+                 help="held-out split: validation or test")
+  p.add_argument("--step", type=int, default=None,
+                 help="checkpoint step (default: the latest)")
+  p.add_argument("--out", default=None, help="default: WORKDIR/evaluate")
+  return p.parse_args(argv)
+
+
+def saved_run(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
+  """``(step, fingerprint)`` of a run's checkpoint (the latest by default):
+  the config `metaflow.checkpoint` recorded with it."""
+  import orbax.checkpoint as ocp
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ (is it a "
+                            "launch.train --workdir?).")
+  manager = ocp.CheckpointManager(directory)
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no checkpoint.")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f"no checkpoint of step {step} in {directory} (there "
+                     f"are {sorted(steps)}).")
+  config = manager.restore(step, args=ocp.args.Composite(
+      config=ocp.args.JsonRestore()))["config"]
+  manager.close()
+  return step, config
+
+
+def _update(config, values: dict) -> None:
+  """Sets the recorded ``values`` (nested dicts) on an ml_collections config
+  (lists back to tuples where the config holds tuples)."""
+  for key, value in values.items():
+    if key not in config:
+      continue  # e.g. the recorded estimator, not a setting
+    if isinstance(value, dict):
+      _update(config[key], value)
+    else:
+      if isinstance(config[key], tuple) and isinstance(value, list):
+        value = tuple(value)
+      config[key] = value
+
+
+def rebuild(workdir: str, step: Optional[int] = None):
+  """The run's trainer (one device) and its eta at checkpoint ``step``.
+
+  Returns ``(trainer, step, eta)``.
+  """
+  import jax
+
+  import tasks  # noqa: F401  (registers the built-in tasks)
+  from launch import train
+  from metaflow import checkpoint, sharding
+  step, fingerprint = saved_run(workdir, step)
+  run = fingerprint["run"]
+  config = train._load_config(train.config_path(fingerprint["task"]))
+  config.unlock()
+  _update(config, run)
+  jax.config.update("jax_enable_x64", bool(config.x64))
+  trainer = train.build(fingerprint["task"], config,
+                        mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+  restored = checkpoint.Checkpointer(
+      workdir, trainer.fingerprint(run)).restore_step(
+          step, trainer.init_state())
+  return trainer, step, restored.eta
+
+
+def lr_grid(trainer, eta: dict, points: int) -> dict[str, dict]:
+  """``{"lr=c": eta with every learned rate c}`` for ``points`` constants
+  from inner_lr/8 to 8 inner_lr (log-spaced)."""
+  import jax
+  import jax.numpy as jnp
+  if "log_lr" not in eta:
+    raise ValueError(f"--lr_grid needs learned learning rates; "
+                     f"{trainer.task.name}'s eta has {sorted(eta)}.")
+  base = float(trainer.task.inner_lr)
+  grid = {}
+  for c in base * np.logspace(-3, 3, points, base=2.0):
+    grid[f"lr={c:.3g}"] = {**eta, "log_lr": jax.tree.map(
+        lambda x: jnp.full_like(x, np.log(c)), eta["log_lr"])}
+  return grid
+
+
+def plot(result: dict, plt):
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, curve in result["curves"].items():
+    steps, losses = zip(*curve)
+    style = dict(lw=2.2) if name == "learned" else dict(lw=1, alpha=0.7)
+    ax.plot(steps, losses, label=name, **style)
+  ax.set_xlabel("inner steps of a fresh model")
+  ax.set_ylabel(f"held-out loss ({result['split']})")
+  ax.set_title(f"{result['task']}: eta of meta-step {result['step']}")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  try:
+    trainer, step, eta = rebuild(args.workdir, args.step)
+    t = trainer.num_inner_steps
+    every = args.eval_every or max(t, (args.inner_steps // 20) // t * t)
+    runs = {"learned": eta}
+    if args.baseline:
+      runs["initial"] = trainer.init_state().eta
+    if args.lr_grid:
+      if args.lr_grid_points < 1:
+        raise ValueError("--lr_grid_points must be >= 1.")
+      runs.update(lr_grid(trainer, eta, args.lr_grid_points))
+    curves = {}
+    for name, run_eta in runs.items():
+      curves[name] = trainer.inner_curve(
+          run_eta, args.inner_steps, eval_every=every, split=args.split,
+          num_eval_batches=args.eval_batches)
+      print(f"{name}: held-out loss {curves[name][0][1]:.4f} -> "
+            f"{curves[name][-1][1]:.4f} after {args.inner_steps} steps")
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  final = {name: curve[-1][1] for name, curve in curves.items()}
+  constants = {k: v for k, v in final.items() if k.startswith("lr=")}
+  result = {"task": trainer.task.name, "workdir": os.path.abspath(
+      args.workdir), "step": step, "inner_steps": args.inner_steps,
+      "window": t, "split": args.split, "curves": curves, "final": final,
+      "best_constant": min(constants, key=constants.get) if constants
+      else None, **benchmark.platform_info()}
+  out = args.out or os.path.join(args.workdir, "evaluate")
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "evaluate.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")
+  benchmark.save_plot([result], lambda rows, plt: plot(rows[0], plt),
+                      os.path.join(out, "evaluate.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,154 @@
+r"""Persistent inner learners: meta-learning while the models train.
+
+Offline (`BilevelTrainer`'s default) every meta-step starts T inner steps
+from a fresh theta0, so meta-parameters that act *during* training (learning
+rates, loss weights, a data rater) only ever see the first T steps of a
+model's life: the short-horizon bias. Online, the trainer keeps a
+population of P learners, learner p a triple ``(theta^p, s^p, a^p)``
+(parameters, inner optimiser state, age in inner steps), and every
+meta-step runs one *window* of T inner steps from each learner's carried
+state:
+
+    (theta^p_{k+T}, s^p_{k+T}) = Phi^T(theta^p_k, s^p_k; eta, x^p_{k..k+T-1})
+    value(eta) = (1/P) sum_p V(theta^p_{k+T}(eta), eta, x^p_val)
+    eta <- eta + outer_update(d value / d eta)
+
+**What is differentiated.** Only the window: the carried start is a
+constant of eta, ``d theta^p_k / d eta := 0`` and ``d s^p_k / d eta := 0``
+(truncated back-propagation through the learner's life). Within the window
+the meta-gradient is exact, computed by the engine unchanged (its
+``theta0`` and ``opt_state0`` inputs are the carried state, so every
+`Strategy` works); what it misses is how eta steered theta_k in earlier
+windows. With P = 1 and lifetime N = T every window starts from a fresh
+learner and this is exactly the offline meta-step.
+
+**Life cycle.** After the window each learner carries
+``(theta_{k+T}, s_{k+T})`` forward and ages by T. A learner whose age
+reaches the lifetime N (a multiple of T) is replaced by a fresh model with
+a fresh optimiser state at age 0; so is one whose carried state is not
+finite (a diverged learner would make every later window non-finite).
+Learners start staggered: learner p begins as if
+``floor(p N / (P T)) T`` steps old (reached, before the first meta-step,
+by running those steps with the initial eta: `BilevelTrainer.warm_up`), so
+the population always spans a model's whole life and eta is meta-learned
+for every stage of it.
+
+**Cost.** The meta-batch is the population (one window per learner,
+vmapped like offline episodes). A step costs what an offline step with
+B = P episodes costs, plus the population's state: P carries (theta, s),
+held between steps (counted in the static memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaflow._checks import PyTree, check_int
+
+
+class Learners(NamedTuple):
+  """The population of online inner learners; every leaf has a leading
+  axis P.
+
+  Attributes:
+    params: theta of each learner (leaves ``[P, ...]``, like theta).
+    opt_state: each learner's inner optimiser state s (leaves ``[P, ...]``).
+    age: int32 ``[P]``, inner steps each learner has taken since it was
+      (re-)initialised.
+  """
+  params: PyTree
+  opt_state: PyTree
+  age: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Online:
+  """Persistent inner learners (see the module docstring).
+
+  Attributes:
+    population: P, learners kept (0, the default: off, every meta-step
+      starts afresh). The meta-batch is the population.
+    lifetime: N, inner steps a learner lives before it is replaced by a
+      fresh one; a multiple of the window length T (checked by the trainer,
+      which knows T).
+  """
+  population: int = 0
+  lifetime: int = 0
+
+  def __post_init__(self):
+    check_int("Online.population", self.population, 0)
+    check_int("Online.lifetime", self.lifetime, 0)
+
+  @property
+  def enabled(self) -> bool:
+    return self.population > 0
+
+  def check(self, num_inner_steps: int) -> None:
+    """ValueError unless the lifetime is a multiple >= 1 of T."""
+    if not self.enabled:
+      return
+    n, t = self.lifetime, num_inner_steps
+    if n < t or n % t:
+      raise ValueError(
+          f"Online.lifetime (N={n}) must be a multiple of num_inner_steps "
+          f"(T={t}) and at least T: a learner lives whole windows of T inner "
+          "steps.")
+
+  def initial_ages(self, num_inner_steps: int) -> np.ndarray:
+    """int32 ``[P]``: learner p's age before the first meta-step,
+    ``floor(p N / (P T)) T`` (whole windows, staggered over a life)."""
+    t, p = num_inner_steps, np.arange(self.population)
+    windows = (p * (self.lifetime // t)) // self.population
+    return (windows * t).astype(np.int32)
+
+
+def _finite(tree: PyTree) -> jax.Array:
+  """bool ``[P]``: every float entry of learner p's slice is finite."""
+  leaves = [jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+            for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves), axis=0)
+
+
+def _select(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per learner: ``new`` where ``mask[p]``, else ``old``."""
+  def one(n, o):
+    return jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(one, new, old)
+
+
+def advance(params: PyTree, opt_state: PyTree, age: jax.Array,
+            num_inner_steps: int, lifetime: int,
+            fresh: Callable[[], tuple[PyTree, PyTree]]) -> Learners:
+  """The population after a window: each learner at ``(params, opt_state)``
+  (its theta_{k+T}, s_{k+T}) aged by T, and those that reached ``lifetime``
+  or are not finite replaced by ``fresh()`` (``(theta, s)`` with leading
+  axis P, computed only when some learner is replaced) at age 0.
+  """
+  age = age + num_inner_steps
+  reset = (age >= lifetime) | ~_finite((params, opt_state))
+
+  def replace():
+    new_params, new_state = fresh()
+    return (_select(reset, new_params, params),
+            _select(reset, new_state, opt_state))
+
+  params, opt_state = jax.lax.cond(jnp.any(reset), replace,
+                                   lambda: (params, opt_state))
+  return Learners(params, opt_state, jnp.where(reset, 0, age))
+
+
+def warm_window(learners: Learners, params: PyTree, opt_state: PyTree,
+                num_inner_steps: int, target_age: jax.Array) -> Learners:
+  """One window of the warm-up: the learners still younger than
+  ``target_age`` (int32 ``[P]``) take their window's result ``(params,
+  opt_state)`` and age by T; the others stay as they are."""
+  active = learners.age < target_age
+  return Learners(_select(active, params, learners.params),
+                  _select(active, opt_state, learners.opt_state),
+                  learners.age + num_inner_steps * active)

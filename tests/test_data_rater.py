@@ -1,0 +1,115 @@
+"""lm_data_rater (DataRater): softmax-normalised sequence weights, an
+untrained rater is plain training, the outer batches come from the target
+text, every exact strategy's meta-gradient through online windows equals
+standard's (float64), and bad settings are refused before compiling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import metaflow
+from metaflow import data
+from metaflow.meta_params import LossWeights
+from metaflow.task import create_task
+from metaflow.trainer import BilevelTrainer
+from tasks.lm import model as lm_model
+from tests import problems as P
+
+SMALL = dict(preset="nano", seq_len=16, batch_size=4)
+
+
+def _trainer(strategy="mixflow", online=metaflow.Online(2, 4), **settings):
+  task = create_task("lm_data_rater", **{**SMALL, **settings})
+  return BilevelTrainer(task, strategy=strategy, num_inner_steps=2,
+                        num_eval_tasks=2, mesh=P.ONE_DEVICE, online=online)
+
+
+class Identity(nnx.Module):
+  """Scores are the features themselves."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    del rngs
+
+  def __call__(self, x):
+    return x
+
+
+def test_softmax_weights_sum_to_the_batch_size():
+  weights = LossWeights(Identity, normalise="softmax", temperature=0.5)
+  w = weights.weights({}, jnp.array([0.0, 1.0, 2.0, -1.0]))
+  np.testing.assert_allclose(float(jnp.sum(w)), 4.0, rtol=1e-6)
+  expected = 4 * jax.nn.softmax(jnp.array([0.0, 2.0, 4.0, -2.0]))
+  np.testing.assert_allclose(w, expected, rtol=1e-6)
+
+
+def test_untrained_rater_is_plain_training():
+  trainer = _trainer(online=None, **{"target_path": ""})
+  eta = trainer.init_state().eta
+  batch = jnp.asarray(
+      data.take(trainer.task.episodes("train", 0, 2), 1)["inner"][0, 0])
+  meta = trainer.spec.view(eta)
+  np.testing.assert_allclose(meta.loss_weights(batch), np.ones(4), rtol=1e-6)
+  model = nnx.merge(trainer.functional.graphdef, trainer.theta_init,
+                    trainer.functional.rest)
+  plain = jnp.mean(lm_model.next_token_losses(model, batch))
+  np.testing.assert_allclose(trainer.task.inner_loss(model, meta, batch),
+                             plain, rtol=1e-6)
+  scores = trainer.task.score_sequences(eta["loss_weights"], batch)
+  assert scores.shape == (4,) and float(jnp.max(jnp.abs(scores))) == 0.0
+
+
+def test_outer_batches_come_from_the_target_text(tmp_path):
+  rng = np.random.default_rng(0)
+  pool, target = tmp_path / "pool.txt", tmp_path / "target.txt"
+  pool.write_bytes(bytes(rng.integers(97, 110, 20000, dtype=np.uint8)))
+  target.write_bytes(bytes(rng.integers(110, 123, 20000, dtype=np.uint8)))
+  task = create_task("lm_data_rater", data_path=str(pool),
+                     target_path=str(target), **SMALL)
+  for split in ("train", "validation"):
+    episode = data.take(task.episodes(split, 0, 2), 1)
+    assert episode["inner"].max() < 110 and episode["outer"].min() >= 110
+
+
+def test_mixflow_matches_standard_online(x64):
+  """Through the softmax over the batch and the sequence rater, from
+  carried learners (every strategy's exactness for loss weights online:
+  test_online; for a token rater: test_lm_tasks)."""
+  trainer = _trainer("standard")
+  batches = trainer.train_batches()
+  state = trainer.warm_up(trainer.init_state(), batches)
+  batch = next(batches)
+  eta = jax.tree.map(  # off the zero-initialised score layer
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape,
+                                             x.dtype), state.eta)
+  value, grads = trainer.meta_value_and_grad(eta, batch, state.learners)
+  trainer._use_strategy(metaflow.Strategy.parse("mixflow"))
+  mixflow_value, mixflow_grads = trainer.meta_value_and_grad(
+      eta, batch, state.learners)
+  assert abs(float(mixflow_value - value)) < 1e-12 * abs(float(value))
+  assert P.tree_rel_error(mixflow_grads, grads) < 1e-9
+  for leaf in jax.tree.leaves(grads):  # every part of the rater learns
+    assert float(jnp.max(jnp.abs(leaf))) > 0
+
+
+@pytest.mark.parametrize("settings, error, match", [
+    (dict(target_path="/no/such/file.txt"), FileNotFoundError,
+     "does not exist"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite "
+     "number > 0"),
+    (dict(rater_preset="huge"), ValueError, "Unknown transformer preset"),
+    (dict(strategy="mixflow+microbatches=2"), ValueError,
+     "cannot be micro-batched"),
+    (dict(strategy="first_order"), ValueError, "cannot learn loss weights"),
+])
+def test_bad_settings_are_refused(settings, error, match):
+  with pytest.raises(error, match=match):
+    _trainer(**settings)
+
+
+def test_short_target_text_is_refused(tmp_path):
+  short = tmp_path / "short.txt"
+  short.write_text("too short")
+  with pytest.raises(ValueError, match="fewer than one sequence"):
+    _trainer(target_path=str(short))

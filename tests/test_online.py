@@ -1,0 +1,217 @@
+"""Online (persistent) inner learners: P=1, N=T is the offline trainer, a
+window's meta-gradient is the engine's from the carried (theta, s), learners
+carry forward, age, stagger and are replaced, every strategy runs, the
+population's memory is reported, and bad settings are refused before
+compiling. (Exact resume after SIGKILL: test_resume.)"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import metaflow
+from metaflow import online
+from metaflow.memory import MemoryReport
+from metaflow.trainer import BilevelTrainer
+from tests import problems as P
+from tests.problems import ONE_DEVICE
+from tests.test_trainer import Net, Regression
+
+
+@dataclasses.dataclass(frozen=True)
+class Fresh(Regression):
+  """Learned per-tensor learning rates of inner Adam (its state s is worth
+  carrying), a fresh random model for every episode or learner."""
+  learn_init: bool = False
+  lr: str = "tensor"
+  inner_opt: str = "adam"
+  resample_init: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SameFresh(Fresh):
+  """Every fresh model is the same one: offline and online trainers then
+  start every episode / learner from the same initialisation."""
+
+  def make_model(self, rngs):
+    del rngs
+    return Net(nnx.Rngs(0))
+
+
+def make(task=Fresh(), **kwargs):
+  settings = dict(num_inner_steps=2, num_eval_tasks=2, seed=1,
+                  outer_optimizer=optax.adam(1e-2), mesh=ONE_DEVICE)
+  settings.update(kwargs)
+  return BilevelTrainer(task, **settings)
+
+
+def test_one_learner_living_one_window_is_the_offline_trainer(x64):
+  """P=1, N=T: every window starts from a fresh learner, as every offline
+  episode does; with the same fresh initialisations the two trainers take
+  the same 20 meta-steps."""
+  offline = make(SameFresh(), meta_batch_size=1).fit(
+      20, log_every=20, console=False)
+  one = make(SameFresh(), online=metaflow.Online(population=1, lifetime=2))
+  result = one.fit(20, log_every=20, console=False)
+  assert P.tree_rel_error(result.state.eta, offline.state.eta) < 1e-10
+  assert P.tree_rel_error(result.state.opt_state,
+                          offline.state.opt_state) < 1e-10
+  assert int(result.state.learners.age[0]) == 0  # replaced after each window
+  # eta did move: the comparison is not of two initial states.
+  assert P.tree_rel_error(result.state.eta, one.init_state().eta) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def population():
+  """An online trainer (P=4, N=8, T=2) after its warm-up and three
+  meta-steps, with the next meta-batch; float64."""
+  with jax.enable_x64(True):
+    trainer = make(online=metaflow.Online(population=4, lifetime=8))
+    batches = trainer.train_batches()
+    state = trainer.warm_up(trainer.init_state(), batches)
+    warmed = jax.tree.map(np.asarray, state.learners)
+    for _ in range(3):
+      state, _ = trainer.step(state, next(batches))
+    yield trainer, warmed, state, next(batches)
+
+
+def test_learners_are_staggered_carried_forward_and_replaced(population):
+  trainer, warmed, state, batch = population
+  np.testing.assert_array_equal(warmed.age, [0, 2, 4, 6])
+  # Three windows of T=2 later; the learner that reached N=8 is fresh.
+  np.testing.assert_array_equal(state.learners.age, [6, 0, 2, 4])
+  with jax.enable_x64(True):
+    after, _ = trainer.step(jax.tree.map(jnp.copy, state), batch)
+    f = trainer.functional
+    loop = metaflow.inner_loop(f.inner_loss, f.optimizer, 2, "standard")
+    for p in range(4):
+      inner, _ = trainer.task.split_episode(
+          jax.tree.map(lambda x: x[p], batch), 2)
+      theta, s = jax.tree.map(lambda x: x[p], (state.learners.params,
+                                               state.learners.opt_state))
+      expected = loop(state.eta, theta, inner, s)  # the old eta: no lag
+      got = jax.tree.map(lambda x: x[p], (after.learners.params,
+                                          after.learners.opt_state))
+      if p == 0:  # 6 + 2 = N: a fresh model and a fresh optimiser state
+        assert int(after.learners.age[p]) == 0
+        assert int(got[1][0].count) == 0
+        assert P.tree_rel_error(got[0], expected.params) > 1e-2
+      else:
+        assert int(after.learners.age[p]) == int(state.learners.age[p]) + 2
+        assert P.tree_rel_error(got, (expected.params,
+                                      expected.opt_state)) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["standard", "mixflow"])
+def test_window_meta_gradient_is_the_engines(population, strategy):
+  """The meta-gradient of a meta-step equals `meta_value_and_grad` called
+  with each learner's carried (theta, s), averaged over the learners."""
+  trainer, _, state, batch = population
+  with jax.enable_x64(True):
+    trainer._use_strategy(metaflow.Strategy.parse(strategy))
+    value, grads = trainer.meta_value_and_grad(state.eta, batch,
+                                               state.learners)
+    f = trainer.functional
+    engine = metaflow.meta_value_and_grad(f.inner_loss, f.outer_loss,
+                                          f.optimizer, 2, strategy)
+    values, per_learner = [], []
+    for p in range(4):
+      inner, outer = trainer.task.split_episode(
+          jax.tree.map(lambda x: x[p], batch), 2)
+      theta, s = jax.tree.map(lambda x: x[p], (state.learners.params,
+                                               state.learners.opt_state))
+      v, g = engine(state.eta, theta, inner, outer, s)
+      values.append(v)
+      per_learner.append(g)
+    mean = jax.tree.map(lambda *g: sum(g) / 4, *per_learner)
+  assert abs(float(value - sum(values) / 4)) <= 1e-10 * abs(float(value))
+  assert P.tree_rel_error(grads, mean) < 1e-10
+  # The carried state matters: from fresh learners the gradient differs.
+  _, fresh = trainer.meta_value_and_grad(state.eta, batch)
+  assert P.tree_rel_error(fresh, mean) > 1e-3
+
+
+def test_every_strategy_runs_online(x64):
+  """Loss weights (which every estimator sees) from carried learners: the
+  exact strategies equal standard; implicit and first_order give finite,
+  non-zero meta-gradients."""
+  task = Fresh(lr="fixed", loss_weights=True)
+  settings = dict(online=metaflow.Online(population=2, lifetime=4))
+  trainer = make(task, **settings)
+  batches = trainer.train_batches()
+  state = trainer.warm_up(trainer.init_state(), batches)
+  errors = P.trainer_strategy_errors(
+      lambda s: make(task, strategy=s, **settings), learners=state.learners)
+  for strategy, (value_error, grad_error) in errors.items():
+    assert value_error < 1e-12 and grad_error < 1e-9, strategy
+  # implicit sees loss weights, first_order learning rates (not the other).
+  for strategy, approximate_task in (("implicit", task),
+                                     ("first_order", Fresh())):
+    approximate = make(approximate_task, strategy=strategy, **settings)
+    assert approximate.strategy.mode == strategy
+    batches = approximate.train_batches()
+    state, metrics = approximate.step(
+        approximate.warm_up(approximate.init_state(), batches), next(batches))
+    assert np.isfinite(float(metrics["outer_loss"]))
+    assert 0 < float(metrics["meta_grad_norm"]) < np.inf, strategy
+
+
+def test_diverged_learner_is_replaced():
+  params = {"w": jnp.array([[1.0], [jnp.nan], [3.0]])}
+  opt_state = {"count": jnp.array([5, 5, 5])}
+  fresh = lambda: ({"w": jnp.zeros((3, 1))},
+                   {"count": jnp.zeros(3, jnp.int32)})
+  out = online.advance(params, opt_state, jnp.array([0, 0, 6]), 2, 8, fresh)
+  np.testing.assert_array_equal(out.age, [2, 0, 0])  # NaN; lifetime
+  np.testing.assert_array_equal(out.params["w"][:, 0], [1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(out.opt_state["count"], [5, 0, 0])
+  np.testing.assert_array_equal(
+      metaflow.Online(3, 12).initial_ages(2), [0, 4, 8])
+  np.testing.assert_array_equal(
+      metaflow.Online(4, 10).initial_ages(5), [0, 0, 5, 5])
+
+
+def test_population_memory_is_reported_in_the_static_part():
+  """Shapes only: the online step's report counts the P learners' (theta,
+  s, age) as population bytes (held in the step's arguments), and its
+  stored carries are those of an offline step with B = P episodes."""
+  offline = make(meta_batch_size=4, shapes_only=True)
+  on = make(online=metaflow.Online(population=4, lifetime=8),
+            shapes_only=True)
+  a, b = (t.compiled_memory(whole_step=True) for t in (offline, on))
+  assert a.population_bytes is None
+  theta = on.theta_init
+  eta = jax.eval_shape(on._initial_state, theta).eta
+  state = jax.eval_shape(
+      lambda eta, theta: on.functional.optimizer(eta).init(theta), eta, theta)
+  carry = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      (theta, state)))
+  assert b.population_bytes == 4 * carry + 4 * 4  # and int32 ages
+  assert b.static_bytes == a.static_bytes
+  assert b.argument_bytes - a.argument_bytes >= b.population_bytes
+  assert "population" in str(b) and isinstance(b, MemoryReport)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(population=-1), "Online.population must be an int >= 0"),
+    (dict(population=2, lifetime=3), r"multiple of num_inner_steps \(T=2\)"),
+    (dict(population=2, lifetime=1), "at least T"),
+    (dict(population=2, lifetime=4, meta_batch_size=3),
+     r"meta_batch_size \(3\) must equal the online population \(2\)"),
+    (dict(population=2, lifetime=4, task=Fresh(learn_init=True)),
+     "cannot meta-learn an initialisation"),
+    (dict(population=2, lifetime=4, task=Fresh(lr="per_step")),
+     "per-step learned learning rates"),
+])
+def test_bad_online_settings_are_refused(settings, match):
+  settings = dict(settings)
+  kwargs = {k: settings.pop(k) for k in ("meta_batch_size", "task")
+            if k in settings}
+  with pytest.raises(ValueError, match=match):
+    make(online=metaflow.Online(**settings), shapes_only=True, **kwargs)
+  with pytest.raises(TypeError, match="metaflow.Online"):
+    make(online={"population": 2}, shapes_only=True)
