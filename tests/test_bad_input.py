@@ -162,7 +162,8 @@ CASES = [
      "'nano'"),
     ("unknown-preset", lambda d: ["--task=lm_maml",
                                   "--config.task.preset=huge"],
-     "error: Unknown transformer preset 'huge'; known presets: nano, tiny, "),
+     "error: Unknown transformer preset 'huge'; known presets: rater, nano, "
+     "tiny, "),
     # Data files.
     ("missing-data-file", lambda d: FEWSHOT
      + [f"--config.task.data_path={d / 'missing.npz'}"], "missing.npz"),

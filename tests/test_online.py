@@ -215,3 +215,35 @@ def test_bad_online_settings_are_refused(settings, match):
     make(online=metaflow.Online(**settings), shapes_only=True, **kwargs)
   with pytest.raises(TypeError, match="metaflow.Online"):
     make(online={"population": 2}, shapes_only=True)
+
+
+def test_population_on_a_mesh_equals_one_device(x64):
+  """lm_data_rater online on a data=2 x fsdp=2 mesh (the learners' theta
+  and s split over fsdp, the sequences over all four devices): the warm-up
+  and three meta-steps give the same eta and learners as one device. (Whole
+  learners split over the devices like episodes are the episodes' layout,
+  test_sharding.)"""
+  import tasks  # noqa: F401  (registers lm_data_rater)
+  from metaflow import sharding
+  from metaflow.task import create_task
+
+  def run(device_mesh):
+    trainer = BilevelTrainer(
+        create_task("lm_data_rater", preset="nano", seq_len=16, batch_size=4),
+        num_inner_steps=2, num_eval_tasks=2,
+        online=metaflow.Online(population=2, lifetime=4), mesh=device_mesh)
+    batches = trainer.train_batches()
+    state = trainer.warm_up(trainer.init_state(), batches)
+    for _ in range(3):
+      state, _ = trainer.step(state, next(batches))
+    return trainer, state
+
+  _, single = run(ONE_DEVICE)
+  trainer, sharded = run(sharding.make_mesh(data=2, fsdp=2,
+                                            devices=jax.devices()[:4]))
+  assert P.tree_rel_error(sharded.eta, single.eta) < 1e-9
+  assert P.tree_rel_error(sharded.learners, single.learners) < 1e-9
+  embedding = sharded.learners.params["embed"]["embedding"]  # [P, 256, 32]
+  assert embedding.sharding.is_equivalent_to(
+      trainer.state_shardings.learners.params["embed"]["embedding"], 3)
+  assert embedding.sharding.shard_shape(embedding.shape) == (2, 256, 16)

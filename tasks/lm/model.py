@@ -373,10 +373,10 @@ def _ladder_preset(d_model: int, kv_size: int, heads: int, layers: int
 
 
 PRESETS: dict[str, TransformerConfig] = {
-    "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),
-    # lm_data_rater's default rater: ~5k parameters, ~25x fewer than tiny.
+    # lm_data_rater's default rater: 7.2k parameters, 18x fewer than tiny.
     "rater": TransformerConfig(width=16, depth=1, num_heads=2,
                                max_length=_LADDER_MAX_LENGTH),
+    "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),
     "tiny": TransformerConfig(width=64, depth=2, num_heads=4,
                               max_length=_LADDER_MAX_LENGTH),
     "small": TransformerConfig(width=128, depth=4, num_heads=4,
