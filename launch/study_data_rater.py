@@ -51,10 +51,12 @@ KINDS = ("clean", "random_bytes", "shuffled", "repeated", "off_target")
 SIZES = {
     "default": dict(preset="tiny", seq_len=64, batch_size=16, inner_steps=2,
                     population=4, lifetime=200, meta_steps=300, outer_lr=3e-3,
-                    train_steps=600, pool_bytes=400_000),
-    "tiny": dict(preset="nano", seq_len=32, batch_size=8, inner_steps=2,
-                 population=2, lifetime=100, meta_steps=60, outer_lr=1e-2,
-                 train_steps=40, pool_bytes=40_000),
+                    inner_lr=3e-3, train_steps=600, pool_bytes=400_000),
+    # A faster-learning inner model (inner_lr) with a longer life, so that
+    # the 60 meta-steps see models past the unigram stage.
+    "tiny": dict(preset="nano", seq_len=64, batch_size=8, inner_steps=2,
+                 population=2, lifetime=300, meta_steps=60, outer_lr=1e-2,
+                 inner_lr=1e-2, train_steps=40, pool_bytes=40_000),
 }
 
 
@@ -138,7 +140,7 @@ def _task(settings: dict, data_path: str, target_path: str):
   return create_task(
       "lm_data_rater", data_path=data_path, target_path=target_path,
       preset=settings["preset"], seq_len=settings["seq_len"],
-      batch_size=settings["batch_size"])
+      batch_size=settings["batch_size"], inner_lr=settings["inner_lr"])
 
 
 def _write_subset(path: str, sequences: np.ndarray, rows: np.ndarray) -> str:
