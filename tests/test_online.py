@@ -1,8 +1,9 @@
 """Online (persistent) inner learners: P=1, N=T is the offline trainer, a
 window's meta-gradient is the engine's from the carried (theta, s), learners
 carry forward, age, stagger and are replaced, every strategy runs, the
-population's memory is reported, and bad settings are refused before
-compiling. (Exact resume after SIGKILL: test_resume.)"""
+population's memory is reported, bad settings are refused before
+compiling, and learned rates started too low beat their initial ones. (Exact
+resume after SIGKILL: test_resume.)"""
 
 import dataclasses
 
