@@ -265,7 +265,11 @@ def test_learned_rates_beat_their_initial_ones():
   trainer = BilevelTrainer(task, num_inner_steps=4, num_eval_tasks=4, seed=0,
                            outer_optimizer=optax.adam(3e-2), mesh=ONE_DEVICE,
                            online=metaflow.Online(population=2, lifetime=40))
-  eta = trainer.fit(40, log_every=40, console=False).state.eta
+  batches = trainer.train_batches()  # (fit would also compile evaluations)
+  state = trainer.warm_up(trainer.init_state(), batches)
+  for _ in range(40):
+    state, _ = trainer.step(state, next(batches))
+  eta = state.eta
   initial = trainer.init_state().eta
   rates = np.exp(np.concatenate(
       [np.ravel(x) for x in jax.tree.leaves(eta["log_lr"])]))
