@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           group = []
           for s in args.strategies:
             try:
-              task.meta_params().check_strategy(s)
+              s.check_meta_params(task.meta_params())
             except ValueError as e:  # an estimator this task cannot use
               print(f"{name:18s} {s.name:34s} skipped: {e}", flush=True)
               continue

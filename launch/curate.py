@@ -111,7 +111,7 @@ class _Progress:
     sys.stderr.flush()
 
 
-def score_files(trainer, eta: dict, paths: Sequence[str], batch_size: int
+def score_files(trainer, eta, paths: Sequence[str], batch_size: int
                 ) -> list[np.ndarray]:
   """Each file's sequence scores ``float [n]`` under the rater ``eta``."""
   import jax
@@ -120,7 +120,7 @@ def score_files(trainer, eta: dict, paths: Sequence[str], batch_size: int
   if not hasattr(task, "score_sequences"):
     raise ValueError(f"task {task.name!r} has no data rater "
                      "(score_sequences); curate needs an lm_data_rater run.")
-  params = eta["loss_weights"]
+  params = eta.loss_weights
   score = jax.jit(lambda params, tokens: task.score_sequences(
       params, jnp.asarray(tokens)))
   length = task.seq_len + 1

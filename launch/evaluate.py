@@ -16,7 +16,7 @@ steps. Next to it, the same run with:
 
 * ``--baseline``: the initial eta (what meta-training started from: e.g. the
   initial learning rates, or an untrained data rater's equal weights);
-* ``--lr_grid``: for learned learning rates (``eta["log_lr"]``, e.g.
+* ``--lr_grid``: for learned learning rates (``eta.log_lr``, e.g.
   ``lm_learned_lr``), every rate set to one constant, ``--lr_grid_points``
   constants spaced evenly in log between 1/8 and 8 times the task's
   ``inner_lr``; the best of them (lowest final loss) is reported.
@@ -125,19 +125,20 @@ def rebuild(workdir: str, step: Optional[int] = None):
   return trainer, step, restored.eta
 
 
-def lr_grid(trainer, eta: dict, points: int) -> dict[str, dict]:
+def lr_grid(trainer, eta, points: int) -> dict:
   """``{"lr=c": eta with every learned rate c}`` for ``points`` constants
   from inner_lr/8 to 8 inner_lr (log-spaced)."""
   import jax
   import jax.numpy as jnp
-  if "log_lr" not in eta:
+  if eta.log_lr is None:
+    learned = [k for k, v in eta._asdict().items() if v is not None]
     raise ValueError(f"--lr_grid needs learned learning rates; "
-                     f"{trainer.task.name}'s eta has {sorted(eta)}.")
+                     f"{trainer.task.name}'s eta learns {learned}.")
   base = float(trainer.task.inner_lr)
   grid = {}
   for c in base * np.logspace(-3, 3, points, base=2.0):
-    grid[f"lr={c:.3g}"] = {**eta, "log_lr": jax.tree.map(
-        lambda x: jnp.full_like(x, np.log(c)), eta["log_lr"])}
+    grid[f"lr={c:.3g}"] = eta._replace(log_lr=jax.tree.map(
+        lambda x: jnp.full_like(x, np.log(c)), eta.log_lr))
   return grid
 
 

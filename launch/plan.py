@@ -214,7 +214,7 @@ def build_trainer(task_name: str, config: "ml_collections.ConfigDict",
   ``config`` with ``strategy``, T = ``num_inner_steps`` and the task's fields
   replaced by ``task_overrides`` (e.g. ``seq_len=256``)."""
   from launch import train
-  from metaflow.strategy import Strategy
+  from metaflow.estimators import Strategy
 
   config = config.copy_and_resolve_references()
   with config.unlocked():

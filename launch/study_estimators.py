@@ -101,13 +101,13 @@ def compare(g, ref) -> dict:
 
 def stationarity(trainer, eta, batch) -> float:
   """Mean over the meta-batch of ``||grad_theta L(theta_T)||`` (on the last
-  inner batch) after the trainer's T inner steps from ``eta["init"]``."""
+  inner batch) after the trainer's T inner steps from ``eta.init``."""
   f, T = trainer.functional, trainer.num_inner_steps
   loop = metaflow.inner_loop(f.inner_loss, f.optimizer, T, "standard")
 
   def one(episode):
     inner, _ = trainer.task.split_episode(episode, T)
-    theta_T = loop(eta, eta["init"], inner).params
+    theta_T = loop(eta, eta.init, inner).params
     last = jax.tree.map(lambda x: x[-1], inner)
     return optax.tree.norm(jax.grad(f.inner_loss)(theta_T, eta, last))
 
@@ -123,7 +123,7 @@ def episode_memory(trainer, eta, batch) -> int:
   episode = jax.tree.map(lambda x: x[0], batch)
   inner, outer = trainer.task.split_episode(episode, trainer.num_inner_steps)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        (eta, eta["init"], inner, outer))
+                        (eta, eta.init, inner, outer))
   return metaflow.memory.analyze(trainer.meta_gradient, *shapes).temp_bytes
 
 

@@ -54,9 +54,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 #: Config keys that may change when a run is resumed: they change how long it
 #: runs, how often it reports, and how (on which devices) the same
 #: meta-gradient is computed, not the trajectory of the meta-parameters.
-#: (``strategy`` only among the exact strategies: the run config records the
-#: estimator, `estimator`, so a switch to or from implicit or first_order is
-#: refused.)
+#: (``strategy`` only among the exact strategies: the trainer's fingerprint
+#: records the estimator, `metaflow.Strategy.fingerprint`, so a switch to or
+#: from implicit or first_order is refused.)
 #: (``num_workers`` is not one of them:
 #: Grain's iterator state has another form with worker processes.)
 RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
@@ -244,29 +244,14 @@ def strategy_of(config):
   """``config.strategy`` with ``config.cg_steps`` and ``config.cg_damping``
   (which apply to ``implicit`` only; non-default values with another
   strategy are refused); ``"auto"`` as it is (the trainer resolves it)."""
-  import dataclasses
-
-  from metaflow.strategy import Strategy
+  from metaflow.estimators import Strategy
   if config.strategy.strip().lower() == "auto":
     return "auto"
   if config.memory_budget:
     raise ValueError("memory_budget applies to --strategy auto only (got "
                      f"strategy {config.strategy!r}).")
-  return dataclasses.replace(Strategy.parse(config.strategy),
-                             cg_steps=config.cg_steps,
-                             cg_damping=config.cg_damping)
-
-
-def estimator(strategy) -> str:
-  """What the meta-gradient is, for the checkpoint fingerprint: ``exact``
-  for every exact strategy (a resumed run may switch between them), else
-  the approximation and its settings."""
-  if strategy.exact:
-    return "exact"
-  if strategy.mode == "implicit":
-    return f"implicit(cg_steps={strategy.cg_steps}, " \
-        f"cg_damping={strategy.cg_damping})"
-  return strategy.mode
+  return Strategy.parse(config.strategy, cg_steps=config.cg_steps,
+                        cg_damping=config.cg_damping)
 
 
 def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
@@ -276,13 +261,13 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
   devices); ``shapes_only``: a trainer for compiled memory only."""
   from metaflow import sharding
   from metaflow.online import Online
-  from metaflow.task import create_task
+  from metaflow.task import create_task, import_task
   from metaflow.trainer import BilevelTrainer
 
   check_config(config)
   if mesh is None:
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-  task = create_task(task_name, **config.task.to_dict())
+  task = create_task(import_task(task_name), **config.task.to_dict())
   online = Online(config.online.population, config.online.lifetime)
   return BilevelTrainer(
       task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
@@ -360,9 +345,8 @@ def main(argv: Sequence[str]) -> None:
     raise UsageError(str(e)) from None
   run_config = {k: v for k, v in config.to_dict().items()
                 if k not in RESUMABLE_KEYS}
-  run_config["estimator"] = estimator(trainer.strategy)
   logging.info("Task %s, strategy %s, T=%d, meta-batch %d%s, %d meta-steps, "
-               "mesh %s.", task_name, trainer.strategy.name,
+               "mesh %s.", trainer.task.name, trainer.strategy.name,
                trainer.num_inner_steps, trainer.meta_batch_size,
                (f" (online learners, lifetime {trainer.online.lifetime})"
                 if trainer.online.enabled else ""),

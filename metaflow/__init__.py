@@ -3,15 +3,17 @@
 The core is MixFlow-MG (Kemaev et al., ICML 2025): the meta-gradient of
 truncated back-propagation through an unrolled inner loop, with the inner
 gradient differentiated forward-over-reverse instead of reverse-over-reverse.
-Behind the same `Strategy` switch: the implicit (iMAML) and first-order
-approximations (`metaflow.implicit`, `metaflow.mixflow`), and two memory
-options that lower the floors MixFlow-MG leaves (`metaflow.segments`,
-`metaflow.microbatch`), chosen for a memory budget by ``strategy="auto"``
-(`metaflow.planner`). Around it: `Task` (a bilevel problem on NNX modules),
-`MetaParams` (what is meta-learned) and `BilevelTrainer` (outer loop,
-evaluation, Orbax checkpoints, Grain data, clu metrics, on a device mesh of
-every device of every process: `metaflow.sharding`; offline, or with
-persistent inner learners that train across meta-steps: `metaflow.online`).
+The estimators are small objects behind one interface (`Strategy`,
+`metaflow.estimators`): `Standard` and `MixFlow` (exact, with memory options
+that lower the floors MixFlow-MG leaves: `metaflow.segments`,
+`metaflow.microbatch`, chosen for a memory budget by ``strategy="auto"``,
+`metaflow.planner`), `Implicit` (iMAML) and `FirstOrder` (approximations).
+Around them: `Task` (a bilevel problem on NNX modules), `MetaParams` (what is
+meta-learned; eta is an `Eta`) and `BilevelTrainer` (the facade over the
+pure meta-step, evaluation, Orbax checkpoints, Grain data, clu metrics, on a
+device mesh of every device of every process: `metaflow.sharding`; offline,
+or with persistent inner learners that train across meta-steps:
+`metaflow.online`).
 """
 
 import importlib
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 # The engine: jax, optax and flax only.
 from metaflow import (
+  estimators,
   implicit,
   memory,
   microbatch,
@@ -28,9 +31,21 @@ from metaflow import (
   segments,
   sharding,
 )
+from metaflow.estimators import (
+  FirstOrder,
+  Implicit,
+  MixFlow,
+  Standard,
+  Strategy,
+  all_strategies,
+  exact_strategies,
+  exact_strategy_names,
+  valid_strategy_names,
+)
 from metaflow.implicit import implicit_meta_grad, implicit_solve
 from metaflow.memory import MemoryReport
 from metaflow.meta_params import (
+  Eta,
   LearnedLearningRates,
   LossWeights,
   Meta,
@@ -39,19 +54,13 @@ from metaflow.meta_params import (
 from metaflow.mixflow import (
   first_order_value_and_grad,
   gradient_jvp,
-  inner_value_and_grad,
   mixflow_value_and_grad,
 )
 from metaflow.online import Learners, Online
 from metaflow.planner import NothingFitsError
-from metaflow.strategy import (
-  Strategy,
-  all_strategies,
-  exact_strategies,
-  exact_strategy_names,
-  valid_strategy_names,
-)
+from metaflow.program import Model, Program
 from metaflow.task import Task, create_task, register, registered_tasks
+from metaflow.train_state import TrainState
 from metaflow.unroll import (
   InnerLoopResult,
   MetaAux,
@@ -67,21 +76,37 @@ from metaflow.unroll import (
 # the module is None).
 _LAZY = {
     "BilevelTrainer": "metaflow.trainer",
-    "FitResult": "metaflow.trainer",
-    "TrainState": "metaflow.trainer",
+    "FitResult": "metaflow.loop",
+    "NonFiniteError": "metaflow.loop",
     "IncompatibleCheckpointError": "metaflow.checkpoint",
     "checkpoint": None,
+    "compiled": None,
     "data": None,
+    "evaluation": None,
+    "layout": None,
+    "loop": None,
     "metrics": None,
     "preemption": None,
+    "step": None,
     "trainer": None,
 }
 
 
 if TYPE_CHECKING:  # What type checkers and IDEs see of the lazy names.
-  from metaflow import checkpoint, data, metrics, preemption
+  from metaflow import (
+    checkpoint,
+    compiled,
+    data,
+    evaluation,
+    layout,
+    loop,
+    metrics,
+    preemption,
+    step,
+  )
   from metaflow.checkpoint import IncompatibleCheckpointError
-  from metaflow.trainer import BilevelTrainer, FitResult, TrainState
+  from metaflow.loop import FitResult, NonFiniteError
+  from metaflow.trainer import BilevelTrainer
 
 
 def __getattr__(name: str) -> Any:
@@ -104,7 +129,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelTrainer",
+    "Eta",
+    "FirstOrder",
     "FitResult",
+    "Implicit",
     "IncompatibleCheckpointError",
     "InnerLoopResult",
     "LearnedLearningRates",
@@ -115,15 +143,23 @@ __all__ = [
     "MetaAux",
     "MetaGradient",
     "MetaParams",
+    "MixFlow",
+    "Model",
+    "NonFiniteError",
     "NothingFitsError",
     "Online",
+    "Program",
+    "Standard",
     "Strategy",
     "Task",
     "TrainState",
     "all_strategies",
     "checkpoint",
+    "compiled",
     "create_task",
     "data",
+    "estimators",
+    "evaluation",
     "exact_strategies",
     "exact_strategy_names",
     "first_order_value_and_grad",
@@ -132,7 +168,8 @@ __all__ = [
     "implicit_meta_grad",
     "implicit_solve",
     "inner_loop",
-    "inner_value_and_grad",
+    "layout",
+    "loop",
     "memory",
     "meta_value_and_grad",
     "meta_value_and_grad_with_aux",
@@ -147,5 +184,6 @@ __all__ = [
     "registered_tasks",
     "segments",
     "sharding",
+    "step",
     "valid_strategy_names",
 ]

@@ -64,9 +64,44 @@ def episodes(sample: Callable[[np.random.Generator], PyTree], seed: int,
       Seeded(sample, int(seed), check_split(split)))
 
 
-def stack(items: Sequence[PyTree]) -> PyTree:
-  """Stacks equally shaped pytrees of numpy arrays on a new leading axis."""
+#: How to fix episodes of different shapes (the end of the error message).
+SAME_SHAPES = (
+    "Every episode of a task must have the same keys and shapes (they are "
+    "stacked into meta-batches): make Task.dataset (or Task.episodes) return "
+    "equally shaped episodes, padded or cropped; Task.split_episode then "
+    "makes (inner_batches, outer_batch) of one.")
+
+
+def stack(items: Sequence[PyTree], indices: Optional[Sequence[int]] = None,
+          what: str = "episode") -> PyTree:
+  """Stacks equally shaped pytrees of numpy arrays on a new leading axis.
+
+  Raises:
+    ValueError: two items of different structure or shapes, one line
+      naming both (by ``indices``, default their positions: ``what``
+      ``indices[i]``) and the key that differs.
+  """
+  indices = list(range(len(items))) if indices is None else list(indices)
+  first = jax.tree_util.tree_flatten_with_path(items[0])
+  fix = SAME_SHAPES
+  for index, item in zip(indices[1:], items[1:]):
+    leaves, tree = jax.tree_util.tree_flatten_with_path(item)
+    if tree != first[1]:
+      raise ValueError(
+          f"{what.capitalize()}s of different structure: {what} {index} has "
+          f"keys {_keys(leaves)} but {what} {indices[0]} has "
+          f"{_keys(first[0])}. {fix}")
+    for (path, a), (_, b) in zip(first[0], leaves):
+      if np.shape(a) != np.shape(b):
+        raise ValueError(
+            f"{what.capitalize()}s of different shapes: {what} {index} has "
+            f"{jax.tree_util.keystr(path) or 'its value'} of shape "
+            f"{np.shape(b)} but {what} {indices[0]} has {np.shape(a)}. {fix}")
   return jax.tree.map(lambda *leaves: np.stack(leaves), *items)
+
+
+def _keys(leaves) -> list[str]:
+  return [jax.tree_util.keystr(path) for path, _ in leaves]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +116,9 @@ class MetaBatch:
 
   def __call__(self, index: int) -> PyTree:
     first = int(index) * self.size
-    return stack([self.dataset[first + j]
-                  for start, stop in self.owned for j in range(start, stop)])
+    positions = [first + j for start, stop in self.owned
+                 for j in range(start, stop)]
+    return stack([self.dataset[i] for i in positions], positions)
 
 
 def meta_batches(dataset: grain.MapDataset, meta_batch_size: int,

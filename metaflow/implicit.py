@@ -1,6 +1,7 @@
 r"""The implicit meta-gradient (iMAML): implicit differentiation at theta_T.
 
-Strategy ``"implicit"`` (`Strategy(mode="implicit", cg_steps, cg_damping)`).
+The estimator `metaflow.estimators.Implicit` (``"implicit"``; ``cg_steps``,
+``cg_damping``).
 
 **What it assumes.** theta_T, the end of the inner loop, is a stationary point
 of the inner loss, ``grad_theta L(theta_T, eta) = 0`` (L with its regulariser,
@@ -59,7 +60,6 @@ from jax.scipy.sparse.linalg import cg
 
 from metaflow import mixflow
 from metaflow._checks import PyTree
-from metaflow.strategy import Strategy
 
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 
@@ -92,8 +92,8 @@ def implicit_meta_grad(inner_loss: Loss, theta: PyTree, eta: PyTree,
   return jax.tree.map(jnp.negative, h_et_u)
 
 
-def at_solution(loop: Callable, inner_loss: Loss, strategy: Strategy
-                ) -> Callable:
+def at_solution(loop: Callable, inner_loss: Loss, cg_steps: int,
+                cg_damping: float = 0.0) -> Callable:
   """``loop`` (``(eta, theta0, inner_batches, opt_state0=None) ->
   InnerLoopResult``), run forward only, with theta_T differentiated
   implicitly (see the module docstring).
@@ -117,8 +117,7 @@ def at_solution(loop: Callable, inner_loss: Loss, strategy: Strategy
   def bwd(residuals, cotangent):
     theta_T, eta, last = residuals
     eta_bar = implicit_meta_grad(inner_loss, theta_T, eta, last,
-                                 cotangent.params, strategy.cg_steps,
-                                 strategy.cg_damping)
+                                 cotangent.params, cg_steps, cg_damping)
     return eta_bar, None, None, None
 
   solution.defvjp(fwd, bwd)

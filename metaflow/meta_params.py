@@ -1,38 +1,41 @@
-"""`MetaParams`: a declarative spec of what is meta-learned.
+"""`MetaParams`: a declarative spec of what is meta-learned, and `Eta`.
 
-The meta-parameters eta are one plain dict pytree (checkpointable, shardable),
-with an entry per kind that the spec turns on:
+The meta-parameters eta are an `Eta`, a small typed pytree (checkpointable,
+shardable, a parameter tree for optax), with a field per kind that the spec
+turns on (None when off):
 
-=================  ==========================================================
-``eta["init"]``    learned initialisation theta0 (MAML): a pytree shaped like
-                   theta; the inner loop starts from it.
-``eta["log_lr"]``  learned inner learning rates, log-parameterised
-                   (``lr = exp(log_lr)``, so they stay positive); a scalar,
-                   one per parameter tensor, or one per parameter element,
-                   each optionally with a leading axis T (one per inner
-                   step). They enter the inner optimiser's update Phi.
-``eta["loss_weights"]``  the ``nnx.Param`` state of a small NNX rater network
-                   whose output gives per-example or per-token weights
-                   ``w = max_weight * sigmoid(rater(features))`` in
-                   ``[0, max_weight]``; they enter the inner loss L.
-``eta["user"]``    arbitrary user meta-parameters ``{name: pytree}``, read by
-                   the task's losses through `Meta.user`.
-=================  ==========================================================
+====================  =======================================================
+``eta.init``          learned initialisation theta0 (MAML): a pytree shaped
+                      like theta; the inner loop starts from it.
+``eta.log_lr``        learned inner learning rates, log-parameterised
+                      (``lr = exp(log_lr)``, so they stay positive); a
+                      scalar, one per parameter tensor, or one per parameter
+                      element, each optionally with a leading axis T (one
+                      per inner step). They enter the inner optimiser's
+                      update Phi.
+``eta.loss_weights``  the ``nnx.Param`` state of a small NNX rater network
+                      whose output gives per-example or per-token weights
+                      ``w = max_weight * sigmoid(rater(features))`` in
+                      ``[0, max_weight]``; they enter the inner loss L.
+``eta.user``          arbitrary user meta-parameters ``{name: pytree}``,
+                      read by the task's losses through `Meta.user`.
+====================  =======================================================
 
 `MetaParams.init` builds eta; `MetaParams.theta0`, `MetaParams.inner_optimizer`
 and `Meta` (the view that losses receive) are how each kind is used. Every kind
 is differentiated by every exact gradient strategy: eta may enter theta0, Phi
 and L. With a learned initialisation, ``proximal=lam`` adds iMAML's
-``lam/2 ||theta - eta["init"]||^2`` to L (`MetaParams.regularised`), for every
-strategy. The approximate strategies see only some of these paths;
-`MetaParams.check_strategy` refuses the kinds whose meta-gradient they miss.
+``lam/2 ||theta - eta.init||^2`` to L (`MetaParams.regularised`), for every
+strategy. The approximate estimators see only some of these paths; each
+refuses the kinds whose meta-gradient it misses
+(`metaflow.Strategy.check_meta_params`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +47,46 @@ from metaflow._checks import PyTree, check_number
 Granularity = Literal["scalar", "tensor", "element"]
 
 
+class Eta(NamedTuple):
+  """The meta-parameters eta: one field per kind of `MetaParams` (None
+  where the spec does not learn it). What the outer optimiser updates and
+  the meta-gradient is shaped like.
+
+  Attributes:
+    init: the learned initialisation theta0, shaped like theta.
+    log_lr: the log learning rates (`LearnedLearningRates`).
+    loss_weights: the rater network's ``nnx.Param`` state (`LossWeights`).
+    user: ``{name: pytree}``, the user meta-parameters.
+  """
+  init: PyTree = None
+  log_lr: PyTree = None
+  loss_weights: PyTree = None
+  user: PyTree = None
+
+
+def _qualified_name(fn: Any) -> str:
+  """A callable by name (a partial with its arguments), for fingerprints
+  (a repr would hold an address that differs between processes)."""
+  if isinstance(fn, functools.partial):
+    args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v
+                                         in sorted(fn.keywords.items())]
+    return f"partial({_qualified_name(fn.func)}, {', '.join(args)})"
+  name = getattr(fn, "__qualname__", None)
+  if name is None:
+    return type(fn).__qualname__
+  return f"{getattr(fn, '__module__', '')}.{name}"
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedLearningRates:
-  """Learned inner learning rates ``exp(eta["log_lr"])``.
+  """Learned inner learning rates ``exp(eta.log_lr)``.
 
   Attributes:
     init: initial learning rate (every entry starts at ``log(init)``).
     granularity: ``"scalar"`` (one rate), ``"tensor"`` (one per parameter
       tensor) or ``"element"`` (one per parameter entry, Meta-SGD).
     per_step: if True, each of the T inner steps has its own rates (a leading
-      axis T on every leaf of ``eta["log_lr"]``).
+      axis T on every leaf of ``eta.log_lr``).
     stacked: top-level keys of theta whose leaves stack several layers'
       tensors on a leading axis (layers applied by a scan, e.g. a
       transformer's ``"blocks"``): at ``"tensor"`` granularity each layer's
@@ -115,7 +148,7 @@ class LossWeights:
   Attributes:
     network: ``rngs -> nnx.Module``; the module maps features ``[..., F]``
       (chosen by the task, see `Meta.weighted_mean`) to scores ``[..., 1]`` or
-      ``[...]``. Its ``nnx.Param`` state is ``eta["loss_weights"]``.
+      ``[...]``. Its ``nnx.Param`` state is ``eta.loss_weights``.
     max_weight: weights are ``max_weight * sigmoid(score)``, in
       ``[0, max_weight]``; with the default 2 a rater that outputs 0 gives
       weight 1 (the unweighted loss).
@@ -176,14 +209,14 @@ class MetaParams:
   """What is meta-learned; composable (any subset of the kinds).
 
   Attributes:
-    learn_init: learn theta0 (MAML) as ``eta["init"]``.
+    learn_init: learn theta0 (MAML) as ``eta.init``.
     learning_rate: the inner learning rate: a fixed float, or
-      `LearnedLearningRates` to learn it (``eta["log_lr"]``).
-    loss_weights: optional `LossWeights` rater (``eta["loss_weights"]``).
+      `LearnedLearningRates` to learn it (``eta.log_lr``).
+    loss_weights: optional `LossWeights` rater (``eta.loss_weights``).
     user: ``{name: key -> pytree}`` initialisers of arbitrary user
-      meta-parameters (``eta["user"][name]``), read by losses via `Meta.user`.
+      meta-parameters (``eta.user[name]``), read by losses via `Meta.user`.
     proximal: lam >= 0; with ``learn_init``, the inner loss is
-      ``L + lam/2 ||theta - eta["init"]||^2`` (iMAML's inner problem, whose
+      ``L + lam/2 ||theta - eta.init||^2`` (iMAML's inner problem, whose
       minimiser depends on the initialisation). 0: no term.
   """
   learn_init: bool = False
@@ -213,55 +246,80 @@ class MetaParams:
     if lam and not self.learn_init:
       raise ValueError(
           "MetaParams.proximal pulls theta towards the learned initialisation "
-          "eta['init']: it needs learn_init=True.")
+          "eta.init: it needs learn_init=True.")
     object.__setattr__(self, "proximal", float(lam))
 
   @property
   def kinds(self) -> tuple[str, ...]:
-    """The keys of eta this spec creates, e.g. ``("init", "log_lr")``."""
-    kinds = []
-    if self.learn_init:
-      kinds.append("init")
-    if isinstance(self.learning_rate, LearnedLearningRates):
-      kinds.append("log_lr")
-    if self.loss_weights is not None:
-      kinds.append("loss_weights")
-    if self.user:
-      kinds.append("user")
-    return tuple(kinds)
+    """The fields of `Eta` this spec learns, e.g. ``("init", "log_lr")``."""
+    learned = {"init": self.learn_init,
+               "log_lr": self.learning_rate_is_learned,
+               "loss_weights": self.loss_weights is not None,
+               "user": bool(self.user)}
+    return tuple(kind for kind in Eta._fields if learned[kind])
 
-  def init(self, key: jax.Array, theta: PyTree, num_steps: int) -> dict:
+  @property
+  def learning_rate_is_learned(self) -> bool:
+    return isinstance(self.learning_rate, LearnedLearningRates)
+
+  @property
+  def mean_over_examples(self) -> bool:
+    """Whether L is a mean of per-example terms (False with softmax loss
+    weights, each of which depends on the whole batch)."""
+    return (self.loss_weights is None
+            or self.loss_weights.normalise != "softmax")
+
+  def describe(self) -> dict[str, Any]:
+    """The spec as JSON values (callables by qualified name): what a
+    resumed run must match beyond eta's shapes."""
+    lr, weights = self.learning_rate, self.loss_weights
+    return {
+        "learn_init": self.learn_init,
+        "learning_rate": (dataclasses.asdict(lr)
+                          if isinstance(lr, LearnedLearningRates) else lr),
+        "loss_weights": None if weights is None else {
+            "network": _qualified_name(weights.network),
+            "max_weight": weights.max_weight, "normalise": weights.normalise,
+            "temperature": weights.temperature},
+        "user": {name: _qualified_name(fn) for name, fn
+                 in sorted(self.user.items())},
+        "proximal": self.proximal,
+    }
+
+  def init(self, key: jax.Array, theta: PyTree, num_steps: int) -> Eta:
     """The initial eta for inner parameters shaped like ``theta``.
 
     Args:
       key: PRNG key (for the rater and user initialisers).
-      theta: the inner model's initial parameters (copied into
-        ``eta["init"]`` when the initialisation is learned).
+      theta: the inner model's initial parameters (copied into ``eta.init``
+        when the initialisation is learned).
       num_steps: T (the leading axis of per-step learning rates).
     """
-    eta = {}
     k_rater, k_user = jax.random.split(key)
+    eta = Eta()
     if self.learn_init:
-      eta["init"] = jax.tree.map(jnp.asarray, theta)
+      eta = eta._replace(init=jax.tree.map(jnp.asarray, theta))
     if isinstance(self.learning_rate, LearnedLearningRates):
-      eta["log_lr"] = self.learning_rate.init_log_lr(theta, num_steps)
+      eta = eta._replace(
+          log_lr=self.learning_rate.init_log_lr(theta, num_steps))
     if self.loss_weights is not None:
-      eta["loss_weights"] = self.loss_weights.init_params(k_rater)
+      eta = eta._replace(
+          loss_weights=self.loss_weights.init_params(k_rater))
     if self.user:
       keys = jax.random.split(k_user, len(self.user))
-      eta["user"] = {name: fn(k) for (name, fn), k
-                     in zip(sorted(self.user.items()), keys)}
+      eta = eta._replace(user={name: fn(k) for (name, fn), k
+                               in zip(sorted(self.user.items()), keys)})
     return eta
 
-  def theta0(self, eta: dict, theta: PyTree) -> PyTree:
-    """The inner loop's start: ``eta["init"]`` if learned, else ``theta``."""
-    return eta["init"] if self.learn_init else theta
+  def theta0(self, eta: Eta, theta: PyTree) -> PyTree:
+    """The inner loop's start: ``eta.init`` if learned, else ``theta``."""
+    return eta.init if self.learn_init else theta
 
-  def learning_rate_for(self, eta: dict):
+  def learning_rate_for(self, eta: Eta):
     """The inner learning rate: a float, a pytree, or a per-step schedule."""
     if not isinstance(self.learning_rate, LearnedLearningRates):
       return self.learning_rate
-    lr = jax.tree.map(jnp.exp, eta["log_lr"])
+    lr = jax.tree.map(jnp.exp, eta.log_lr)
     if not self.learning_rate.per_step:
       return lr
 
@@ -272,63 +330,23 @@ class MetaParams:
 
     return schedule
 
-  def inner_optimizer(self, eta: dict,
+  def inner_optimizer(self, eta: Eta,
                       make: Callable[[Any], optax.GradientTransformation]
                       ) -> optax.GradientTransformation:
     """The inner optimiser ``make(learning_rate)`` with eta's learning rate."""
     return make(self.learning_rate_for(eta))
 
-  def regularised(self, inner_loss: jax.Array, theta: PyTree, eta: dict
+  def regularised(self, inner_loss: jax.Array, theta: PyTree, eta: Eta
                   ) -> jax.Array:
-    """``L + lam/2 ||theta - eta["init"]||^2`` (``L`` itself when
+    """``L + lam/2 ||theta - eta.init||^2`` (``L`` itself when
     ``proximal`` is 0): the inner loss every strategy differentiates."""
     if not self.proximal:
       return inner_loss
     sq = sum(jnp.sum(jnp.square(t - t0)) for t, t0 in
-             zip(jax.tree.leaves(theta), jax.tree.leaves(eta["init"])))
+             zip(jax.tree.leaves(theta), jax.tree.leaves(eta.init)))
     return inner_loss + 0.5 * self.proximal * sq
 
-  def check_strategy(self, strategy: Any) -> None:
-    """Raises ValueError, before anything is compiled, for meta-parameters
-    whose meta-gradient ``strategy`` (a `metaflow.Strategy`) cannot see.
-
-    ``implicit`` differentiates the stationary point of L: learned learning
-    rates (they steer only the path to it) and a learned initialisation
-    without ``proximal`` (the stationary point does not depend on where
-    the loop starts) would get zero. ``first_order`` treats g_t as a
-    constant: loss weights, which reach V only through g_t, would get zero.
-    """
-    if strategy.mode == "implicit":
-      if "log_lr" in self.kinds:
-        raise ValueError(
-            "Strategy 'implicit' cannot learn learning rates: they enter only "
-            "the inner optimiser Phi (the path to theta_T), not the stationary "
-            "point of L that implicit differentiation differentiates, so their "
-            "implicit meta-gradient is zero. Use an exact strategy (mixflow) "
-            "or first_order.")
-      if self.learn_init and not self.proximal:
-        raise ValueError(
-            "Strategy 'implicit' with a learned initialisation needs "
-            "MetaParams(proximal=lam > 0) (the built-in tasks: "
-            "--config.task.proximal): without the proximal term the "
-            "stationary point of L does not depend on theta0, so its implicit "
-            "meta-gradient is zero.")
-    if (self.loss_weights is not None
-        and self.loss_weights.normalise == "softmax"
-        and strategy.microbatches > 1):
-      raise ValueError(
-          "Softmax-normalised loss weights (LossWeights(normalise="
-          "'softmax')) cannot be micro-batched: each weight depends on the "
-          "whole batch, so L is not a mean of per-chunk losses. Drop "
-          "+microbatches.")
-    if strategy.mode == "first_order" and self.loss_weights is not None:
-      raise ValueError(
-          "Strategy 'first_order' cannot learn loss weights: they reach V only "
-          "through the inner gradients g_t, which first_order treats as "
-          "constants, so their first-order meta-gradient is zero. Use an "
-          "exact strategy (mixflow) or implicit.")
-
-  def view(self, eta: dict) -> "Meta":
+  def view(self, eta: Eta) -> "Meta":
     """The `Meta` that the task's losses receive."""
     return Meta(self, eta)
 
@@ -340,15 +358,15 @@ class Meta:
   methods differentiates with respect to eta.
   """
 
-  def __init__(self, spec: MetaParams, eta: dict, weighted: bool = True):
+  def __init__(self, spec: MetaParams, eta: Eta, weighted: bool = True):
     self.spec = spec
     self.eta = eta
     self._weighted = weighted
 
   @property
   def user(self) -> dict:
-    """``eta["user"]``: the user meta-parameters by name."""
-    return self.eta.get("user", {})
+    """``eta.user``: the user meta-parameters by name."""
+    return self.eta.user or {}
 
   def unweighted(self) -> "Meta":
     """The same view with loss weighting off (for the outer loss V)."""
@@ -359,7 +377,7 @@ class Meta:
     or None when the spec has no loss weighting (or this view is unweighted)."""
     if self.spec.loss_weights is None or not self._weighted:
       return None
-    return self.spec.loss_weights.weights(self.eta["loss_weights"], features)
+    return self.spec.loss_weights.weights(self.eta.loss_weights, features)
 
   def weighted_mean(self, losses: jax.Array,
                     features: Optional[jax.Array] = None) -> jax.Array:

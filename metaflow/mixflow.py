@@ -5,9 +5,9 @@ One inner step needs the inner loss and its gradient,
 
     (L_t, g_t) = (L(theta_t, eta, x_t), grad_theta L(theta_t, eta, x_t)),
 
-and the meta-gradient back-propagates through ``g_t``. `inner_value_and_grad`
-returns the function that computes ``(L_t, g_t)``; only the way the outer
-reverse pass differentiates it depends on the strategy's mode.
+and the meta-gradient back-propagates through ``g_t``. Each function here
+computes ``(L_t, g_t)``; they differ only in how the outer reverse pass
+differentiates it, which is what an estimator (`metaflow.estimators`) picks.
 `gradient_jvp` is the forward-over-reverse Hessian-vector product that
 MixFlow-MG's rule and the implicit strategy's solver (`metaflow.implicit`)
 are built on.
@@ -144,19 +144,3 @@ def _typed_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   if varying:
     cotangent = jax.lax.pcast(cotangent, varying, to="varying")
   return cotangent
-
-
-def inner_value_and_grad(inner_loss: Loss, mode: str) -> ValueAndGrad:
-  """The ``(theta, eta, x) -> (L, g)`` function for a strategy mode.
-
-  ``"implicit"`` gets the plain gradient: its inner loop runs inside a custom
-  VJP (`metaflow.implicit`) and is never differentiated itself.
-  """
-  if mode in ("standard", "implicit"):
-    return standard_value_and_grad(inner_loss)
-  if mode == "mixflow":
-    return mixflow_value_and_grad(inner_loss)
-  if mode == "first_order":
-    return first_order_value_and_grad(inner_loss)
-  raise ValueError(f"Unknown mode {mode!r}; expected one of 'standard', "
-                   "'mixflow', 'implicit', 'first_order'.")

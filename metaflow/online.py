@@ -29,7 +29,7 @@ a fresh optimiser state at age 0; so is one whose carried state is not
 finite (a diverged learner would make every later window non-finite).
 Learners start staggered: learner p begins as if
 ``floor(p N / (P T)) T`` steps old (reached, before the first meta-step,
-by running those steps with the initial eta: `BilevelTrainer.warm_up`), so
+by running those steps with the initial eta: `warm_up`), so
 the population always spans a model's whole life and eta is meta-learned
 for every stage of it.
 
@@ -42,13 +42,25 @@ held between steps (counted in the static memory).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import (
+  Any,
+  Callable,
+  ClassVar,
+  Iterator,
+  NamedTuple,
+  Optional,
+  Union,
+)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from metaflow._checks import PyTree, check_int
+
+#: ``key -> (theta, s)``: P fresh learners (leading axis P), drawn from key.
+Fresh = Callable[[jax.Array], tuple[PyTree, PyTree]]
 
 
 class Learners(NamedTuple):
@@ -106,6 +118,93 @@ class Online:
     windows = (p * (self.lifetime // t)) // self.population
     return (windows * t).astype(np.int32)
 
+  # The protocol the meta-step uses (`Offline` has the same methods).
+  def initial(self, fresh: Fresh, key: jax.Array) -> Learners:
+    """P fresh learners from ``key`` at age 0 (`warm_up` staggers them)."""
+    params, opt_state = fresh(key)
+    return Learners(params, opt_state,
+                    jnp.zeros([self.population], jnp.int32))
+
+  def carried(self, learners: Any) -> tuple[PyTree, PyTree]:
+    """What each episode of the meta-step starts from: the learners'
+    ``(theta, s)``, leading axis P (vmapped with the episodes)."""
+    return learners.params, learners.opt_state
+
+  def start(self, carried: tuple[PyTree, PyTree],
+            theta0: Callable[[], PyTree]) -> tuple[PyTree, PyTree]:
+    """One episode's ``(theta0, s0)``: the learner's carried state, a
+    constant of eta (``theta0``, the offline start, is not used)."""
+    del theta0
+    return carried
+
+  def advance(self, learners: Any, params: PyTree, opt_state: PyTree,
+              num_inner_steps: int, fresh: Callable[[], tuple[PyTree, PyTree]]
+              ) -> Learners:
+    """The population after the meta-step's windows (`advance`)."""
+    return advance(params, opt_state, learners.age, num_inner_steps,
+                   self.lifetime, fresh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Offline:
+  """No persistent learners: every episode starts afresh from theta0(eta)
+  with a fresh inner optimiser state (the same methods as `Online`; the
+  state's ``learners`` is None, no leaves)."""
+  enabled: ClassVar[bool] = False
+  population: ClassVar[int] = 0
+
+  def initial(self, fresh: Fresh, key: jax.Array) -> None:
+    del fresh, key
+
+  def carried(self, learners: Any) -> None:
+    """Nothing is carried: episodes vmap over nothing else."""
+    del learners
+
+  def start(self, carried: Any, theta0: Callable[[], PyTree]
+            ) -> tuple[PyTree, None]:
+    """``(theta0(eta), None)``: None is a fresh optimiser state."""
+    del carried
+    return theta0(), None
+
+  def advance(self, learners: Any, params: PyTree, opt_state: PyTree,
+              num_inner_steps: int, fresh: Callable[[], Any]) -> None:
+    del learners, params, opt_state, num_inner_steps, fresh
+
+
+Learning = Union[Offline, Online]
+
+
+def learning(online: Optional[Online], num_inner_steps: int, *,
+             learn_init: bool, per_step_lr: bool) -> Learning:
+  """The learners of a run: `Offline` unless ``online`` has a population,
+  checked (before compiling) against T and what is meta-learned.
+
+  Raises:
+    TypeError: ``online`` not an `Online`.
+    ValueError: a lifetime that is not a multiple of T; a learned
+      initialisation or per-step learning rates, which windows of carried
+      learners cannot meta-learn.
+  """
+  if online is None:
+    return Offline()
+  if not isinstance(online, Online):
+    raise TypeError(f"online must be a metaflow.Online, got "
+                    f"{type(online).__name__}.")
+  if not online.enabled:
+    return Offline()
+  online.check(num_inner_steps)
+  if learn_init:
+    raise ValueError(
+        "Online learners cannot meta-learn an initialisation (learn_init): "
+        "a window starts from a learner's carried state, a constant of "
+        "eta, so eta.init would get no meta-gradient.")
+  if per_step_lr:
+    raise ValueError(
+        "Online learners cannot use per-step learned learning rates "
+        "(per_step=True): they index an episode's inner steps, and a "
+        "learner's steps run on across windows.")
+  return online
+
 
 def _finite(tree: PyTree) -> jax.Array:
   """bool ``[P]``: every float entry of learner p's slice is finite."""
@@ -152,3 +251,34 @@ def warm_window(learners: Learners, params: PyTree, opt_state: PyTree,
   return Learners(_select(active, params, learners.params),
                   _select(active, opt_state, learners.opt_state),
                   learners.age + num_inner_steps * active)
+
+
+Window = Callable[[Learners, PyTree, PyTree, Any], Learners]
+
+
+def warm_up(learning: Learning, learners: Any, eta: PyTree, window: Window,
+            batches: Iterator[PyTree], num_inner_steps: int,
+            progress: Optional[Callable[[int], None]] = None) -> Any:
+  """Staggers a fresh population: learner p trains with ``eta``, one
+  window of T inner steps per meta-batch from ``batches``, until it is
+  `Online.initial_ages` steps old; offline, ``learners`` as they are.
+
+  ``window(learners, eta, batch, target_ages)`` runs one window of every
+  learner still younger than its target (`warm_window`; jitted by the
+  caller, the learners donated). Nothing is differentiated. One window is
+  in flight at a time (see `metaflow.loop`).
+  """
+  if not isinstance(learning, Online):
+    return learners
+  target = learning.initial_ages(num_inner_steps)
+  windows = int(target.max()) // num_inner_steps
+  if windows:
+    logging.info("Online: warming up %d learners to ages %s (%d windows of "
+                 "T=%d inner steps).", learning.population, target.tolist(),
+                 windows, num_inner_steps)
+  for w in range(1, windows + 1):
+    learners = window(learners, eta, next(batches), target)
+    jax.block_until_ready(learners)
+    if progress is not None:
+      progress(w)
+  return learners

@@ -41,8 +41,8 @@ import dataclasses
 import re
 from typing import Callable, Sequence, Union
 
+from metaflow.estimators import Strategy
 from metaflow.memory import MemoryReport, format_bytes
-from metaflow.strategy import Strategy
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9,
           "gb": 1e9, "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ from flax import nnx
 
 from metaflow import optim
 from metaflow._checks import PyTree
-from metaflow.meta_params import Meta, MetaParams
-from metaflow.strategy import Strategy
+from metaflow.estimators import Strategy
+from metaflow.meta_params import Eta, Meta, MetaParams
 
 if TYPE_CHECKING:  # Grain is imported by the trainer, not by the engine.
   import grain
@@ -170,7 +170,28 @@ class Task(abc.ABC):
 
   def split_episode(self, episode: PyTree, num_steps: int
                     ) -> tuple[PyTree, PyTree]:
-    """``(inner_batches, outer_batch)``; inner leaves get a leading axis T."""
+    """``(inner_batches, outer_batch)``; inner leaves get a leading axis T.
+
+    By default an episode is ``{"support": ..., "query": ...}``: every inner
+    step sees the support set, V the query set. Override it for another
+    layout.
+
+    Raises:
+      ValueError: (default) an episode without ``"support"`` or
+        ``"query"``.
+    """
+    keys = list(episode) if isinstance(episode, Mapping) else None
+    missing = [k for k in ("support", "query") if keys is None or k not in keys]
+    if missing:
+      found = (f"its keys are {keys}" if keys is not None else
+               f"it is a {type(episode).__name__}, not a dict")
+      raise ValueError(
+          f"Task {self.name or type(self).__name__!r}: an episode has no "
+          f"{' and no '.join(repr(k) for k in missing)} ({found}). The "
+          "default Task.split_episode expects episodes {'support': inner "
+          "batch, 'query': outer batch}: return those from Task.dataset, or "
+          "override Task.split_episode(episode, num_steps) -> "
+          "(inner_batches, outer_batch) for your own keys.")
     inner = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_steps,) + jnp.shape(x)),
         episode["support"])
@@ -259,18 +280,18 @@ class Functional:
       theta = jax.lax.with_sharding_constraint(theta, self.gathered)
     return nnx.merge(self.graphdef, theta, self.rest)
 
-  def inner_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
+  def inner_loss(self, theta: PyTree, eta: Eta, batch: PyTree) -> jax.Array:
     """The task's L with the spec's regulariser (`MetaParams.regularised`)."""
     loss = self.task.inner_loss(self.model(theta), self.spec.view(eta), batch)
     return self.spec.regularised(loss, theta, eta)
 
-  def outer_loss(self, theta: PyTree, eta: dict, batch: PyTree) -> jax.Array:
+  def outer_loss(self, theta: PyTree, eta: Eta, batch: PyTree) -> jax.Array:
     return self.task.outer_loss(self.model(theta), self.spec.view(eta), batch)
 
-  def eval_metrics(self, theta: PyTree, eta: dict, batch: PyTree) -> dict:
+  def eval_metrics(self, theta: PyTree, eta: Eta, batch: PyTree) -> dict:
     return self.task.eval_metrics(self.model(theta), self.spec.view(eta), batch)
 
-  def optimizer(self, eta: dict) -> optax.GradientTransformation:
+  def optimizer(self, eta: Eta) -> optax.GradientTransformation:
     """Phi for meta-parameters eta (learned learning rates enter here)."""
     return self.spec.inner_optimizer(eta, self.task.inner_optimizer)
 

@@ -23,11 +23,9 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
-from jax.ad_checkpoint import checkpoint_name
 
-from metaflow import implicit, microbatch, mixflow, segments
 from metaflow._checks import PyTree, check_int
-from metaflow.strategy import INNER_GRAD_NAME, Strategy
+from metaflow.estimators import Strategy
 
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 OptimizerSpec = Union[optax.GradientTransformation,
@@ -76,7 +74,7 @@ def _as_optimizer_fn(optimizer: OptimizerSpec
       f"eta -> optax.GradientTransformation, got {type(optimizer).__name__}.")
 
 
-def _tree_bytes(tree: PyTree) -> int:
+def tree_bytes(tree: PyTree) -> int:
   """Bytes of the arrays (or shapes) of ``tree``."""
   return sum(math.prod(jnp.shape(x)) * jnp.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
@@ -143,13 +141,8 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
   strategy = Strategy.parse(strategy)
   num_steps = check_num_steps(num_steps)
   optimizer_fn = _as_optimizer_fn(optimizer)
-  # Standard's plain gradient is rematerialised per chunk (its reverse pass
-  # would otherwise keep every chunk's intermediates); MixFlow-MG's rule
-  # keeps only its inputs.
-  value_and_grad = microbatch.mean_over_chunks(
-      mixflow.inner_value_and_grad(inner_loss, strategy.mode),
-      strategy.microbatches, "inner batch", remat=strategy.mode == "standard")
-  segment_length = strategy.segment_length_for(num_steps)
+  # (L_t, g_t) with the estimator's differentiation rule.
+  value_and_grad = strategy.inner_value_and_grad(inner_loss)
 
   def run(eta, theta0, inner_batches, opt_state0=None):
     _check_leading_axis(inner_batches, num_steps)
@@ -162,34 +155,20 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
     def step(carry, batch):
       theta, s = carry
       loss, g = value_and_grad(theta, eta, batch)
-      if strategy.save_inner_grads:
-        g = checkpoint_name(g, INNER_GRAD_NAME)
       updates, s = opt.update(g, s, theta)
       theta = optax.apply_updates(theta, updates)
       return (theta, s), loss
-
-    if strategy.remat:
-      policy = (jax.checkpoint_policies.save_only_these_names(INNER_GRAD_NAME)
-                if strategy.save_inner_grads else None)
-      # prevent_cse=False is safe (and cheaper) inside a scan.
-      step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
     if opt_state0 is None:
       opt_state0 = opt.init(theta0)
     else:
       _check_opt_state(opt_state0, jax.eval_shape(opt.init, theta0))
-    carry = (theta0, opt_state0)
-    if segment_length is None:
-      (theta_T, s_T), losses = jax.lax.scan(step, carry, inner_batches,
-                                            length=num_steps)
-    else:
-      (theta_T, s_T), losses = segments.segmented_scan(
-          step, carry, inner_batches, num_steps, segment_length)
+    # The scan, and what it stores, is the estimator's.
+    (theta_T, s_T), losses = strategy.scan(step, (theta0, opt_state0),
+                                           inner_batches, num_steps)
     return InnerLoopResult(theta_T, s_T, losses)
 
-  if strategy.mode == "implicit":
-    return implicit.at_solution(run, inner_loss, strategy)
-  return run
+  return strategy.around_loop(run, inner_loss)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -247,10 +226,8 @@ class MetaGradient:
                         self.strategy)(eta, theta0, inner_batches, opt_state0)
     _check_scalar_loss("outer_loss", self.outer_loss, result.params, eta,
                        outer_batch)
-    # With microbatches, V's gradient is accumulated chunk by chunk too.
-    value = microbatch.mean_over_chunks(
-        self.outer_loss, self.strategy.microbatches, "outer batch",
-        remat=True)(result.params, eta, outer_batch)
+    value = self.strategy.outer_value(self.outer_loss)(result.params, eta,
+                                                       outer_batch)
     return value, MetaAux(value, result.inner_losses, result.params,
                           result.opt_state)
 
@@ -270,20 +247,18 @@ class MetaGradient:
       if self.init_params is not None:
         theta0 = self.init_params(eta)
       return theta0, _as_optimizer_fn(self.optimizer)(eta).init(theta0)
-    return _tree_bytes(jax.eval_shape(carry, eta, theta0))
+    return tree_bytes(jax.eval_shape(carry, eta, theta0))
 
   def static_bytes(self, eta, theta0, inner_batches=None,
                    outer_batch=None) -> int:
-    """The paper's static memory: the stored copies of ``(theta, s)``, T of
-    them (ceil(T/K) + K with segments of K, `Strategy.stored_carries`); for
-    ``implicit``, which stores nothing of the loop, the one theta_T that
-    its backward pass starts from."""
+    """The paper's static memory: what the estimator stores of the loop
+    (`Strategy.static_bytes`: T copies of ``(theta, s)``, ceil(T/K) + K
+    with segments, theta_T alone for implicit)."""
     del inner_batches, outer_batch
-    if self.strategy.mode == "implicit":
-      theta = self.init_params(eta) if self.init_params is not None else theta0
-      return _tree_bytes(theta)
-    return (self.strategy.stored_carries(self.num_steps)
-            * self.carry_bytes(eta, theta0))
+    theta = self.init_params(eta) if self.init_params is not None else theta0
+    return self.strategy.static_bytes(self.num_steps,
+                                      self.carry_bytes(eta, theta0),
+                                      tree_bytes(theta))
 
 
 def meta_value_and_grad(

@@ -139,10 +139,11 @@ def trainer_strategy_errors(make_trainer, scale: float = 0.05,
   batch = data.take(first.task.episodes("train", 0, first.num_inner_steps),
                     episodes)
 
-  def everything(eta, batch, theta, learners):
-    return [t._value_and_grad(eta, batch, theta, learners) for t in trainers]
+  def everything(eta, batch, model, learners):
+    return [metaflow.step.value_and_grad(t.program, t.layout, eta, batch,
+                                         model, learners) for t in trainers]
 
-  args = (eta, batch, first.theta_init, learners)
+  args = (eta, batch, first.model, learners)
   results = jax.jit(everything).lower(*args).compile(
       compiler_options=FAST_COMPILE)(*args)
   (ref_value, _), ref_grads = results[0]

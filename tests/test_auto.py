@@ -33,7 +33,8 @@ def test_auto(tmp_path):
   with pytest.raises(planner.NothingFitsError) as e:
     _trainer("auto", memory_budget="1KiB")
   table = e.value.rows
-  divisor = _trainer("mixflow", shapes_only=True)._batch_divisor()
+  shapes = _trainer("mixflow", shapes_only=True)
+  divisor = metaflow.compiled.batch_divisor(shapes.program, shapes.layout)
   assert [r.strategy for r in table] == list(planner.candidates(T, divisor))
   assert not any(r.fits for r in table)
   segmented = [r for r in table if r.strategy.segment_length == "auto"]

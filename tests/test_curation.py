@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import metaflow
 from launch import curate, evaluate
 from tests.test_resume import REPO
 
@@ -67,7 +68,7 @@ def test_every_sequence_is_scored_in_file_order_and_the_best_kept(
     assert [r["offset"] for r in mine] == [i * width for i in range(n)]
     tokens = np.frombuffer(open(path, "rb").read()[:n * width],
                            np.uint8).reshape(n, width)
-    direct = trainer.task.score_sequences(eta["loss_weights"],
+    direct = trainer.task.score_sequences(eta.loss_weights,
                                           jnp.asarray(tokens))
     scores = np.array([r["score"] for r in mine])
     np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
@@ -96,13 +97,13 @@ def test_evaluation_curves_start_from_one_model(run, tmp_path):
 def test_learning_rate_grid():
   trainer = types.SimpleNamespace(task=types.SimpleNamespace(
       inner_lr=1e-3, name="t"))
-  eta = {"log_lr": {"w": jnp.zeros((2, 1)), "b": jnp.zeros(())}}
+  eta = metaflow.Eta(log_lr={"w": jnp.zeros((2, 1)), "b": jnp.zeros(())})
   grid = evaluate.lr_grid(trainer, eta, 7)
-  rates = [float(jnp.exp(g["log_lr"]["w"][0, 0])) for g in grid.values()]
+  rates = [float(jnp.exp(g.log_lr["w"][0, 0])) for g in grid.values()]
   np.testing.assert_allclose(rates, 1e-3 * 2.0 ** np.arange(-3, 4),
                              rtol=1e-5)
   with pytest.raises(ValueError, match="needs learned learning rates"):
-    evaluate.lr_grid(trainer, {"loss_weights": {}}, 7)
+    evaluate.lr_grid(trainer, metaflow.Eta(loss_weights={}), 7)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -56,7 +56,7 @@ def test_untrained_rater_is_plain_training():
   plain = jnp.mean(lm_model.next_token_losses(model, batch))
   np.testing.assert_allclose(trainer.task.inner_loss(model, meta, batch),
                              plain, rtol=1e-6)
-  scores = trainer.task.score_sequences(eta["loss_weights"], batch)
+  scores = trainer.task.score_sequences(eta.loss_weights, batch)
   assert scores.shape == (4,) and float(jnp.max(jnp.abs(scores))) == 0.0
 
 
@@ -84,8 +84,8 @@ def test_mixflow_matches_standard_online(x64):
       lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape,
                                              x.dtype), state.eta)
   value, grads = trainer.meta_value_and_grad(eta, batch, state.learners)
-  trainer._use_strategy(metaflow.Strategy.parse("mixflow"))
-  mixflow_value, mixflow_grads = trainer.meta_value_and_grad(
+  mixflow_value, mixflow_grads = trainer.with_strategy(
+      "mixflow").meta_value_and_grad(
       eta, batch, state.learners)
   assert abs(float(mixflow_value - value)) < 1e-12 * abs(float(value))
   assert P.tree_rel_error(mixflow_grads, grads) < 1e-9

@@ -68,7 +68,7 @@ def test_first_order_in_the_trainer(x64):
   np.testing.assert_allclose(value, ref_value, rtol=1e-12)
   assert P.tree_rel_error(grads, ref_grads) < 1e-10
   for kind in ("init", "log_lr"):
-    assert np.linalg.norm(_flat(grads[kind])) > 1e-6
+    assert np.linalg.norm(_flat(getattr(grads, kind))) > 1e-6
 
 
 # ------------------------------------------------------------------- implicit
@@ -179,7 +179,8 @@ def test_implicit_sinusoid_with_proximal(x64):
   f = implicit.functional
   inner, outer = task.split_episode(jax.tree.map(lambda x: x[0], batch),
                                     num_steps)
-  theta_T = implicit._adapt(eta, eta["init"], inner).params
+  theta_T = metaflow.inner_loop(f.inner_loss, f.optimizer, num_steps,
+                                "standard")(eta, eta.init, inner).params
   last = jax.tree.map(lambda a: a[-1], inner)
   assert np.linalg.norm(_flat(jax.grad(f.inner_loss)(theta_T, eta, last))
                         ) < 1e-6
@@ -189,8 +190,8 @@ def test_implicit_sinusoid_with_proximal(x64):
   v = _flat(jax.grad(f.outer_loss)(theta_T, eta, outer))
   # iMAML: d theta*/d init = lam (H_L + lam I)^{-1} = lam H^{-1}.
   dense = lam * np.linalg.solve(hessian, v)
-  assert _cosine(g_implicit["init"], dense) >= 0.999
-  assert np.linalg.norm(_flat(g_implicit["init"]) - dense) <= (
+  assert _cosine(g_implicit.init, dense) >= 0.999
+  assert np.linalg.norm(_flat(g_implicit.init) - dense) <= (
       1e-3 * np.linalg.norm(dense))
   assert P.tree_rel_error(g_implicit, g_unrolled) <= 1e-2
 
@@ -287,7 +288,7 @@ def test_user_meta_params_read_by_V_are_allowed_with_first_order():
                            meta_batch_size=1, mesh=P.ONE_DEVICE)
   _, grads = trainer.meta_value_and_grad(trainer.init_state().eta,
                                          next(trainer.train_batches()))
-  assert np.linalg.norm(_flat(grads["user"])) > 0
+  assert np.linalg.norm(_flat(grads.user)) > 0
 
 
 def test_proximal_validation():
@@ -298,6 +299,6 @@ def test_proximal_validation():
                        match="proximal must be a finite number >= 0"):
       MetaParams(learn_init=True, proximal=bad)
   spec = MetaParams(learn_init=True, proximal=2.0)
-  theta, eta = {"a": jnp.ones(3)}, {"init": {"a": jnp.zeros(3)}}
+  theta, eta = {"a": jnp.ones(3)}, metaflow.Eta(init={"a": jnp.zeros(3)})
   assert float(spec.regularised(jnp.float32(1.0), theta, eta)) == 4.0
 

@@ -364,7 +364,7 @@ def test_losses_and_accuracy(id_npz):
   task = id_task(id_npz, num_ways=3, num_shots=2, num_query=4)
   model = task.make_model(nnx.Rngs(0))
   batch = task.dataset("test", 0)[0]["query"]
-  meta = MetaParams(learn_init=True).view({})
+  meta = MetaParams(learn_init=True).view(metaflow.Eta())
   loss = nnx.jit(lambda m, b: task.inner_loss(m, meta, b))(model, batch)
   logits = nnx.jit(lambda m, x: m(x))(model, batch["x"])
   expected = -jnp.mean(jax.nn.log_softmax(logits)[

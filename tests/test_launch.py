@@ -134,9 +134,9 @@ def test_estimator_in_the_fingerprint():
   strategy = train.strategy_of(config)
   assert (strategy.mode, strategy.cg_steps, strategy.cg_damping) == (
       "implicit", 7, 0.5)
-  assert train.estimator(strategy) == "implicit(cg_steps=7, cg_damping=0.5)"
-  assert {train.estimator(s) for s in metaflow.exact_strategies()} == {"exact"}
-  assert train.estimator(metaflow.Strategy("first_order")) == "first_order"
+  assert strategy.fingerprint == "implicit(cg_steps=7, cg_damping=0.5)"
+  assert {s.fingerprint for s in metaflow.exact_strategies()} == {"exact"}
+  assert metaflow.Strategy("first_order").fingerprint == "first_order"
   config.strategy = "mixflow"
   with pytest.raises(ValueError, match="apply to mode 'implicit' only"):
     train.strategy_of(config)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import metaflow
 from metaflow import data
 from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
@@ -53,7 +54,7 @@ def test_every_strategy_matches_standard_float32():
 
 def test_learned_rates_are_per_layer_tensor():
   trainer = _trainer("lm_learned_lr", per_step=True, num_steps=3)
-  log_lr = trainer.init_state().eta["log_lr"]
+  log_lr = trainer.init_state().eta.log_lr
   depth = trainer.task.model_config.depth
   assert log_lr["blocks"]["attn"]["query"]["kernel"].shape == (3, depth, 1, 1)
   assert log_lr["head"]["kernel"].shape == (3,)
@@ -65,11 +66,13 @@ def test_each_layer_has_its_own_rate():
   """A zero rate for block 0 only: block 0 stays put, block 1 moves."""
   trainer = _trainer("lm_learned_lr")
   eta = trainer.init_state().eta
-  eta["log_lr"]["blocks"] = jax.tree.map(
-      lambda x: x.at[0].set(-jnp.inf), eta["log_lr"]["blocks"])
+  eta = eta._replace(log_lr={**eta.log_lr, "blocks": jax.tree.map(
+      lambda x: x.at[0].set(-jnp.inf), eta.log_lr["blocks"])})
   episode = data.take(trainer.task.episodes("train", 0, 2), 1)
-  theta_T = trainer._adapt(eta, trainer.theta_init,
-                           episode["inner"][0]).params
+  f = trainer.functional
+  adapt = metaflow.inner_loop(f.inner_loss, f.optimizer,
+                              trainer.num_inner_steps, "standard")
+  theta_T = adapt(eta, trainer.theta_init, episode["inner"][0]).params
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max(axis=tuple(
       range(1, a.ndim))), theta_T["blocks"], trainer.theta_init["blocks"])
   for leaf in jax.tree.leaves(moved):  # [depth]: largest change per block

@@ -113,7 +113,7 @@ def test_window_meta_gradient_is_the_engines(population, strategy):
   with each learner's carried (theta, s), averaged over the learners."""
   trainer, _, state, batch = population
   with jax.enable_x64(True):
-    trainer._use_strategy(metaflow.Strategy.parse(strategy))
+    trainer = trainer.with_strategy(strategy)
     value, grads = trainer.meta_value_and_grad(state.eta, batch,
                                                state.learners)
     f = trainer.functional
@@ -186,7 +186,7 @@ def test_population_memory_is_reported_in_the_static_part():
   a, b = (t.compiled_memory(whole_step=True) for t in (offline, on))
   assert a.population_bytes is None
   theta = on.theta_init
-  eta = jax.eval_shape(on._initial_state, theta).eta
+  eta = on.layout.state_shapes.eta
   state = jax.eval_shape(
       lambda eta, theta: on.functional.optimizer(eta).init(theta), eta, theta)
   carry = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
@@ -272,7 +272,7 @@ def test_learned_rates_beat_their_initial_ones():
   eta = state.eta
   initial = trainer.init_state().eta
   rates = np.exp(np.concatenate(
-      [np.ravel(x) for x in jax.tree.leaves(eta["log_lr"])]))
+      [np.ravel(x) for x in jax.tree.leaves(eta.log_lr)]))
   assert np.all(rates > 3e-4), rates
   learned = trainer.inner_curve(eta, 120, eval_every=120)
   baseline = trainer.inner_curve(initial, 120, eval_every=120)

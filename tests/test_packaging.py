@@ -1,6 +1,7 @@
 """What a user's environment gets: the engine imports alone, and the
 dependency ranges of pyproject.toml admit the versions constraints.txt pins
-(and this environment was installed with)."""
+(and this environment was installed with); and the package's shape: no
+import cycle, no module over 450 lines, no class over 300."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import metaflow
+from tests import import_graph
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TRAINING_ONLY = ("orbax", "grain", "clu", "tensorboardX")
@@ -89,3 +91,17 @@ def test_ranges_admit_the_pinned_versions_which_are_installed():
         f"pyproject.toml's {requirement} excludes the pinned {pins[name]}")
     # This environment was installed with the constraints (README, .ci/run).
     assert importlib.metadata.version(name) == pins[name], name
+
+
+def test_the_package_stays_in_small_pieces():
+  """Data flows one way through metaflow/ (its imports have no cycle) and
+  each module holds one concept: at most 450 lines a module, 300 a class
+  (`tests/import_graph.py` prints the layers and the largest)."""
+  assert import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+                             ) == [["a", "b", "c"]]
+  edges = import_graph.graph()
+  assert "metaflow.trainer" in edges and "metaflow.estimators.base" in edges
+  assert import_graph.cycles(edges) == []
+  modules, classes = import_graph.sizes()
+  assert {m: n for m, n in modules.items() if n > 450} == {}
+  assert {c: n for c, n in classes.items() if n > 300} == {}

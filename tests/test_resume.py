@@ -4,10 +4,12 @@ different config is refused."""
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -15,7 +17,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import tasks  # noqa: F401  (registers the built-in tasks)
 from metaflow import checkpoint
+from metaflow.meta_params import LearnedLearningRates
+from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
 from tests.problems import ONE_DEVICE
 from tests.test_trainer import Regression
@@ -29,11 +34,12 @@ class Resampled(Regression):
   resample_init: bool = True
 
 
-def make_trainer(**kwargs):
+def make_trainer(task=None, **kwargs):
   settings = dict(num_inner_steps=2, meta_batch_size=3, num_eval_tasks=4,
                   outer_optimizer=optax.adam(1e-2), seed=3, mesh=ONE_DEVICE)
   settings.update(kwargs)
-  return BilevelTrainer(Resampled(learn_init=False, lr="tensor"), **settings)
+  return BilevelTrainer(task or Resampled(learn_init=False, lr="tensor"),
+                        **settings)
 
 
 def assert_trees_identical(a, b):
@@ -84,6 +90,74 @@ def test_incompatible_checkpoint_refused(tmp_path):
     make_trainer(seed=4).fit(4, tmp_path, console=False)
   # The same config resumes.
   assert int(make_trainer().fit(3, tmp_path, console=False).state.step) == 3
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialRate(Resampled):
+  """Its MetaParams reads a class attribute: a spec that changes while the
+  task's settings (its fields) do not."""
+  initial_lr: ClassVar[float] = 0.1
+
+  def meta_params(self):
+    return dataclasses.replace(super().meta_params(), learning_rate=(
+        LearnedLearningRates(self.initial_lr, "tensor")))
+
+
+def test_python_resume_refuses_every_changed_setting(tmp_path, monkeypatch):
+  """From Python as from the command line: a checkpoint written with other
+  task settings, T, meta-batch size, meta-parameters, estimator class or
+  outer optimiser (the same state structure, another behaviour) is refused,
+  one line naming what changed. An exact strategy may be switched."""
+  task = InitialRate(learn_init=False, lr="tensor")
+  make_trainer(task).fit(1, tmp_path, console=False)
+  cases = [
+      (dict(outer_optimizer=optax.adam(0.5)),
+       r"outer_optimizer: \[.*\] in the checkpoint, now \["),
+      (dict(outer_optimizer=optax.chain(optax.clip_by_global_norm(1e-3),
+                                        optax.adam(1e-2))),
+       "outer_optimizer: "),
+      (dict(task=InitialRate(learn_init=False, lr="tensor", inner_opt="adam")),
+       "task_config.inner_opt: 'sgd' in the checkpoint, now 'adam'"),
+      (dict(num_inner_steps=3), "num_inner_steps: 2 in the checkpoint, now 3"),
+      (dict(meta_batch_size=2), "meta_batch_size: 3 in the checkpoint, now 2"),
+      (dict(strategy="first_order"),
+       "estimator: 'exact' in the checkpoint, now 'first_order'"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                       match=match) as e:
+      make_trainer(**{"task": task, **kwargs}).fit(2, tmp_path, console=False)
+    assert "\n" not in str(e.value)
+  with monkeypatch.context() as m:
+    m.setattr(InitialRate, "initial_lr", 0.2)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                       match=r"^The checkpoint .* different config: "
+                       r"meta_params\.learning_rate\.init: 0\.1 in the "
+                       r"checkpoint, now 0\.2\. Use"):
+      make_trainer(task).fit(2, tmp_path, console=False)
+  resumed = make_trainer(task, strategy="mixflow+remat").fit(
+      2, tmp_path, console=False)
+  assert int(resumed.state.step) == 2
+
+
+def test_checkpoint_with_a_dict_eta_is_refused(tmp_path):
+  """A checkpoint written before eta was typed (`metaflow.Eta`), by
+  sinusoid_maml at these settings (tests/data/checkpoint_dict_eta), is
+  refused with the one-line message naming the state's layout."""
+  shutil.copytree(os.path.join(REPO, "tests", "data", "checkpoint_dict_eta"),
+                  tmp_path / "run")
+  trainer = BilevelTrainer(
+      create_task("sinusoid_maml", num_shots=2, widths=(4,)),
+      num_inner_steps=1, meta_batch_size=1, num_eval_tasks=1,
+      outer_optimizer=optax.adam(1e-2), mesh=ONE_DEVICE)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
+    trainer.fit(2, tmp_path / "run", console=False)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("The checkpoint at ")
+  assert ("state..eta['init']['out']['kernel']: 'float32[4, 1]' in the "
+          "checkpoint, absent now") in message
+  assert ("state..eta.init['out']['kernel']: not in the checkpoint, now "
+          "'float32[4, 1]'") in message
 
 
 def test_workdir_that_is_a_file(tmp_path):

@@ -4,7 +4,6 @@ devices equal to one device's in float64 for every layout, the bug class of
 mixed episodes caught, per-device memory divided by fsdp, and checkpoints
 that move between meshes."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +146,7 @@ def episodic_trainers():
 def test_episodes_are_laid_out_one_per_device(episodic_trainers):
   trainer = episodic_trainers["split"]
   batch = next(trainer.train_batches())
-  x = trainer._global(batch)["support"]["x"]
+  x = trainer.layout.global_batch(batch)["support"]["x"]
   assert x.shape == batch["support"]["x"].shape
   for shard in x.addressable_shards:
     assert shard.data.shape[0] == 1  # one episode per device
@@ -239,8 +238,8 @@ def lm_reference():
   def get(task, strategy):
     # Segments and microbatches leave the meta-gradient unchanged: their
     # reference is the strategy without them.
-    strategy = dataclasses.replace(metaflow.Strategy.parse(strategy),
-                                   segment_length=None, microbatches=1).name
+    strategy = metaflow.Strategy.parse(strategy, segment_length=None,
+                                       microbatches=1).name
     if (task, strategy) not in cache:
       cache[task, strategy] = _lm_run(task, strategy, P.ONE_DEVICE)
     return cache[task, strategy]
@@ -291,16 +290,16 @@ def test_lm_sequences_and_parameters_are_split():
     trainer = BilevelTrainer(
         metaflow.create_task("lm_maml", **LM_SETTINGS), num_inner_steps=2,
         meta_batch_size=1, mesh=sharding.make_mesh(data=2, fsdp=4))
-    batch = trainer._global(next(trainer.train_batches()))
+    batch = trainer.layout.global_batch(next(trainer.train_batches()))
     assert batch["inner"].sharding.spec == PartitionSpec(
         None, None, ("data", "fsdp"))
     assert batch["inner"].addressable_shards[0].data.shape == (1, 2, 1, 17)
     state = trainer.init_state()
-    kernel = state.eta["init"]["blocks"]["mlp"]["up"]["kernel"]  # [2, 32, 128]
+    kernel = state.eta.init["blocks"]["mlp"]["up"]["kernel"]  # [2, 32, 128]
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp", None)
     assert kernel.addressable_shards[0].data.shape == (2, 8, 128)
     adam = state.opt_state.inner_state[0]  # inside optax.apply_if_finite
-    mu = adam.mu["init"]["blocks"]["mlp"]["up"]["kernel"]
+    mu = adam.mu.init["blocks"]["mlp"]["up"]["kernel"]
     assert mu.sharding.spec == kernel.sharding.spec
     assert state.rng.sharding.is_fully_replicated
     assert state.opt_state.notfinite_count.sharding.is_fully_replicated
@@ -339,7 +338,7 @@ def test_checkpoint_moves_between_meshes(tmp_path):
     straight = trainer(P.ONE_DEVICE).fit(4, console=False)
     # eta of one mesh is evaluated on another (placed in its layout).
     evaluation = split.evaluate(straight.state.eta)
-  assert moved.state.eta["init"]["head"]["kernel"].sharding.mesh.size == 1
+  assert moved.state.eta.init["head"]["kernel"].sharding.mesh.size == 1
   assert P.tree_rel_error(moved.state.eta, straight.state.eta) < 1e-9
   np.testing.assert_array_equal(moved.state.rng, straight.state.rng)
   np.testing.assert_allclose(evaluation["outer_loss"],

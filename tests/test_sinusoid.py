@@ -57,9 +57,9 @@ def test_meta_sgd_learns_per_element_learning_rates():
                            num_eval_tasks=20, outer_optimizer=optax.adam(3e-3),
                            mesh=ONE_DEVICE)
   eta0 = trainer.init_state().eta
-  assert eta0["log_lr"]["out"]["kernel"].shape == (40, 1)
+  assert eta0.log_lr["out"]["kernel"].shape == (40, 1)
   result = trainer.fit(50, log_every=50, console=False)
-  moved = (result.state.eta["log_lr"]["out"]["kernel"]
-           - eta0["log_lr"]["out"]["kernel"])
+  moved = (result.state.eta.log_lr["out"]["kernel"]
+           - eta0.log_lr["out"]["kernel"])
   assert np.mean(np.abs(np.asarray(moved)) > 0) > 0.5  # (dead ReLUs stay)
   assert len(np.unique(np.round(np.asarray(moved), 6))) > 1  # per element

@@ -134,3 +134,34 @@ def test_segments_and_microbatches_constructor_validation():
       Strategy(microbatches=bad)
   with pytest.raises(ValueError, match="composes with nothing"):
     Strategy("implicit", microbatches=2)
+
+
+def test_estimators_are_small_objects_with_their_own_options():
+  """Each estimator carries only its options; strings and Strategy(mode,
+  ...) build the same objects; an option of another estimator is refused
+  (one line naming whose it is) unless at its default."""
+  assert Strategy.parse("mixflow+remat+segments=auto") == metaflow.MixFlow(
+      remat=True, segment_length="auto")
+  assert Strategy("standard", microbatches=2) == metaflow.Standard(
+      microbatches=2)
+  assert Strategy.parse("implicit", cg_steps=5) == metaflow.Implicit(
+      cg_steps=5)
+  assert Strategy.parse("mixflow+microbatches=4", microbatches=1) == (
+      metaflow.MixFlow())
+  assert Strategy.parse("first_order", cg_steps=20) == metaflow.FirstOrder()
+  for estimator in metaflow.all_strategies():
+    assert isinstance(estimator, Strategy)
+    assert Strategy.parse(estimator.name) == estimator
+  assert not hasattr(metaflow.Implicit(), "remat")
+  assert not hasattr(metaflow.MixFlow(), "cg_steps")
+  assert metaflow.Implicit(cg_steps=7).fingerprint == (
+      "implicit(cg_steps=7, cg_damping=0.0)")
+  with pytest.raises(ValueError) as e:
+    Strategy.parse("mixflow", cg_damping=0.1)
+  assert str(e.value) == (
+      "Strategy(mode='mixflow') does not take cg_damping=0.1 (options that "
+      "apply to mode 'implicit' only).")
+  with pytest.raises(TypeError, match="no option.*speed"):
+    Strategy("mixflow", speed=2)
+  with pytest.raises(TypeError):
+    metaflow.Implicit(remat=True)  # pyright: ignore[reportCallIssue]

@@ -130,8 +130,8 @@ def _check_exact(task, strategy, num_steps=3):
   assert err < 1e-10, (strategy, err)
   # Every requested kind got a non-trivial meta-gradient.
   for kind in trainer.spec.kinds:
-    assert P.tree_rel_error(jax.tree.map(jnp.zeros_like, grads[kind]),
-                            grads[kind]) > 0
+    assert P.tree_rel_error(jax.tree.map(jnp.zeros_like, getattr(grads, kind)),
+                            getattr(grads, kind)) > 0
 
 
 @pytest.mark.parametrize("strategy", metaflow.exact_strategy_names())
@@ -166,18 +166,18 @@ def test_meta_params_shapes():
     eta = spec.init(key, theta, num_steps=4)
     assert spec.kinds == ("log_lr",)
     if shape_a is None:
-      assert eta["log_lr"].shape == ((4,) if per_step else ())
+      assert eta.log_lr.shape == ((4,) if per_step else ())
     else:
-      assert eta["log_lr"]["a"].shape == shape_a
+      assert eta.log_lr["a"].shape == shape_a
     np.testing.assert_allclose(
-        np.exp(jax.tree.leaves(eta["log_lr"])[0]).ravel()[0], 0.5, rtol=1e-6)
+        np.exp(jax.tree.leaves(eta.log_lr)[0]).ravel()[0], 0.5, rtol=1e-6)
 
 
 def test_per_step_learning_rates_are_used_per_step():
   """Step t of the inner loop uses lr[t]: SGD on L = theta (gradient 1)."""
   spec = MetaParams(learning_rate=LearnedLearningRates(
       1.0, "scalar", per_step=True))
-  eta = {"log_lr": jnp.log(jnp.array([1.0, 10.0, 100.0]))}
+  eta = metaflow.Eta(log_lr=jnp.log(jnp.array([1.0, 10.0, 100.0])))
   opt = spec.inner_optimizer(eta, optim.sgd)
   theta = jnp.zeros(())
   s = opt.init(theta)
@@ -193,8 +193,8 @@ def test_per_step_learning_rates_are_used_per_step():
 def test_loss_weights_in_range_and_unweighted_outer():
   spec = MetaParams(loss_weights=LossWeights(Rater, max_weight=2.0))
   eta = spec.init(jax.random.PRNGKey(0), {"w": jnp.ones(())}, 1)
-  eta["loss_weights"] = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p),
-                                     eta["loss_weights"])
+  eta = eta._replace(loss_weights=jax.tree.map(
+      lambda p: 100.0 * jnp.ones_like(p), eta.loss_weights))
   x = jnp.array(np.random.default_rng(0).normal(size=(7, IN)), jnp.float32)
   w = spec.view(eta).loss_weights(x)
   assert w.shape == (7,)
@@ -233,7 +233,7 @@ def test_resample_init_uses_rng():
                            mesh=P.ONE_DEVICE)
   state = trainer.init_state()
   k1, k2 = jax.random.split(state.rng)
-  t1 = trainer._theta_base(k2, trainer.theta_init)
+  t1 = metaflow.step.theta_base(trainer.program, k2, trainer.theta_init)
   assert P.tree_rel_error(t1, trainer.theta_init) > 0.1
   batch = next(trainer.train_batches())
   s1, _ = trainer.step(trainer.init_state(), batch)
@@ -319,3 +319,122 @@ def test_unsupported_strategy_rejected_before_compiling():
   with pytest.raises(ValueError, match="does not support strategy 'mixflow'.*"
                      "custom-VJP"):
     BilevelTrainer(StandardOnly(), strategy="mixflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsplit(Regression):
+  """Episodes without the default split_episode's keys."""
+
+  def dataset(self, split, seed):
+    return data.episodes(_train_test_episode, seed, split)
+
+
+def _train_test_episode(rng):
+  episode = sample_regression(rng)
+  return {"train": episode["support"], "test": episode["query"]}
+
+
+def _fewer_points(index, episode):
+  """Episode 3 has one support point fewer than the others."""
+  if index != 3:
+    return episode
+  return {**episode, "support": jax.tree.map(lambda x: x[:-1],
+                                             episode["support"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged(Regression):
+  """Episodes of different shapes (episode 3's support set is smaller)."""
+
+  def dataset(self, split, seed):
+    return data.episodes(sample_regression, seed, split).map_with_index(
+        _fewer_points)
+
+
+def test_episodes_the_task_cannot_split_or_stack():
+  """An episode without support/query, and episodes of different shapes,
+  are one line naming the key and the episode, pointing to Task.dataset
+  and Task.split_episode."""
+  with pytest.raises(ValueError) as e:
+    BilevelTrainer(Unsplit(), mesh=P.ONE_DEVICE)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("Task 'Unsplit': an episode has no 'support' "
+                            "and no 'query' (its keys are ['test', 'train'])")
+  assert "Task.split_episode" in message and "Task.dataset" in message
+  assert message.endswith("(Episode 0 of split 'train'.)")
+
+  # Within a meta-batch: episodes 2 and 3 are stacked.
+  batches = BilevelTrainer(Ragged(), meta_batch_size=2,
+                           mesh=P.ONE_DEVICE).train_batches()
+  next(batches)
+  with pytest.raises(ValueError) as e:
+    next(batches)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(
+      "Episodes of different shapes: episode 3 has ['support']['x'] of shape "
+      f"({SHOTS - 1}, {IN}) but episode 2 has ({SHOTS}, {IN}).")
+  assert "Task.dataset" in message and "Task.split_episode" in message
+
+  # A whole meta-batch unlike the first episode, which the run is laid out
+  # for (meta-batches of one episode: episode 3 is meta-batch 3).
+  trainer = BilevelTrainer(Ragged(), meta_batch_size=1, mesh=P.ONE_DEVICE)
+  state, batches = trainer.init_state(), trainer.train_batches()
+  for _ in range(3):
+    state, _ = trainer.step(state, next(batches))
+  with pytest.raises(ValueError) as e:
+    trainer.step(state, next(batches))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(
+      "Episodes of different shapes: a meta-batch has ['support']['x'] of "
+      f"shape (1, {SHOTS - 1}, {IN}), but the run was laid out for (1, "
+      f"{SHOTS}, {IN}) from episode 0 of split 'train'.")
+
+
+def test_with_strategy_compiles_each_strategy_once(x64):
+  """A trainer with another estimator is a new value: each strategy's
+  meta-gradient is compiled once (switching back compiles nothing), and
+  equals that of a trainer built with the strategy."""
+  kwargs = dict(num_inner_steps=2, meta_batch_size=2, mesh=P.ONE_DEVICE)
+  task = Regression(lr="tensor", loss_weights=True)
+  base = BilevelTrainer(task, strategy="standard", **kwargs)
+  eta = base.init_state().eta
+  batch = next(base.train_batches())
+  lowered = []
+
+  def listen(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+
+  def lowerings(trainer):
+    before = len(lowered)
+    result = trainer.meta_value_and_grad(eta, batch)
+    return len(lowered) - before, result
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    counts = {"standard": lowerings(base)[0]}
+    switched = {name: base.with_strategy(name)
+                for name in ("mixflow", "mixflow+remat+saved_inner_grads")}
+    results = {}
+    for name, trainer in switched.items():
+      counts[name], results[name] = lowerings(trainer)
+    again = {name: lowerings(t)[0] for name, t in
+             [("standard", base), *switched.items()]}
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert counts == {"standard": 1, "mixflow": 1,
+                    "mixflow+remat+saved_inner_grads": 1}
+  assert set(again.values()) == {0}
+  assert base.strategy.name == "standard"  # the original is untouched
+  for name, trainer in switched.items():
+    assert trainer.strategy.name == name
+    assert trainer.layout is base.layout and trainer.model is base.model
+    built = BilevelTrainer(task, strategy=name, **kwargs)
+    value, grads = built.meta_value_and_grad(eta, batch)
+    assert float(results[name][0]) == float(value)
+    assert P.tree_rel_error(results[name][1], grads) < 1e-12
+  with pytest.raises(ValueError, match="first_order' cannot learn loss"):
+    base.with_strategy("first_order")

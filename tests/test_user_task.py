@@ -126,3 +126,17 @@ def test_user_task_config_and_errors(user_module):
   ]:
     with pytest.raises(UsageError, match=message):
       train.prepare_argv(["train", *argv])
+
+
+def test_task_class_that_registers_itself_under_its_own_name(tmp_path,
+                                                            user_module):
+  """``--task module:Class`` for a class that carries
+  ``@register("registered_line")``, as the README's snippet writes it: the
+  run uses the name the class registered (it failed with 'Unknown task')."""
+  name, folder = user_module
+  done = _train([f"--task={name}:RegisteredLine", f"--workdir={tmp_path}",
+                 "--config.meta_batch_size=2", "--config.num_eval_tasks=2",
+                 "--inner_steps=1", "--meta_steps=2"], folder)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "after 2 meta-steps" in done.stdout
+  assert "Task registered_line" in done.stderr

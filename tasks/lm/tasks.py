@@ -374,7 +374,7 @@ class DataRaterLM(LanguageModelTask):
 
   def score_sequences(self, rater_params, tokens: jax.Array) -> jax.Array:
     """The rater's scores ``[N]`` of sequences ``tokens`` ``[N, L+1]``
-    (``rater_params``: a trained ``eta["loss_weights"]``); higher is more
+    (``rater_params``: a trained ``eta.loss_weights``); higher is more
     useful for the target. Scores of different batches are comparable:
     the softmax only normalises within a batch."""
     rater = nnx.merge(self.meta_params().loss_weights.graphdef, rater_params)
