@@ -52,7 +52,8 @@ stream.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,37 +93,52 @@ def implicit_meta_grad(inner_loss: Loss, theta: PyTree, eta: PyTree,
   return jax.tree.map(jnp.negative, h_et_u)
 
 
-def at_solution(loop: Callable, inner_loss: Loss, cg_steps: int,
-                cg_damping: float = 0.0) -> Callable:
-  """``loop`` (``(eta, theta0, inner_batches, opt_state0=None) ->
-  InnerLoopResult``), run forward only, with theta_T differentiated
-  implicitly (see the module docstring).
+def at_solution(make_loop: Callable[[Loss], Callable], inner_loss: Loss,
+                cg_steps: int, cg_damping: float = 0.0) -> Callable:
+  """The loop ``make_loop(inner_loss)`` (``(eta, theta0, inner_batches,
+  opt_state0=None) -> InnerLoopResult``), run forward only, with theta_T
+  differentiated implicitly (see the module docstring).
 
   The returned function has the same signature and outputs. Its custom VJP
   takes the cotangent of ``params`` (theta_T); cotangents of the optimiser
   state and the loss trace are dropped (V is a function of theta_T alone),
   and theta0, the starting optimiser state and the batches get zero (the
-  stationary point does not depend on where the loop started).
+  stationary point does not depend on where the loop started). Values L
+  closes over are inputs of the rule (`metaflow.mixflow.hoist_closure`);
+  a floating-point one gets its implicit cotangent like eta.
   """
 
-  @jax.custom_vjp
-  def solution(eta, theta0, inner_batches, opt_state0):
-    return loop(eta, theta0, inner_batches, opt_state0)
+  # loss: L with its closed-over values as inputs (``loss(theta, eta, x,
+  # consts)``, `metaflow.mixflow.hoist_closure`), a static argument; the
+  # loop runs on it with the values passed in, so that nothing of the trace
+  # around the rule is closed over inside it.
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def solution(loss, eta, theta0, inner_batches, opt_state0, consts):
+    return make_loop(lambda th, et, b: loss(th, et, b, consts))(
+        eta, theta0, inner_batches, opt_state0)
 
-  def fwd(eta, theta0, inner_batches, opt_state0):
-    result = loop(eta, theta0, inner_batches, opt_state0)
+  def fwd(loss, eta, theta0, inner_batches, opt_state0, consts):
+    result: Any = solution(loss, eta, theta0, inner_batches, opt_state0,
+                           consts)
     last = jax.tree.map(lambda x: x[-1], inner_batches)
-    return result, (result.params, eta, last)
+    return result, (result.params, eta, last, consts)
 
-  def bwd(residuals, cotangent):
-    theta_T, eta, last = residuals
-    eta_bar = implicit_meta_grad(inner_loss, theta_T, eta, last,
-                                 cotangent.params, cg_steps, cg_damping)
-    return eta_bar, None, None, None
+  def bwd(loss, residuals, cotangent):
+    theta_T, eta, last, (floats, others) = residuals
+    # A closed-over float c is a parameter of L like eta, d theta*/dc =
+    # -H_tt^{-1} H_tc: its cotangent is -H_ct u, from the same solve.
+    eta_bar, floats_bar = implicit_meta_grad(
+        lambda th, eta_floats, b: loss(th, eta_floats[0], b,
+                                       (eta_floats[1], others)),
+        theta_T, (eta, floats), last, cotangent.params, cg_steps, cg_damping)
+    return (eta_bar, None, None, None,
+            (floats_bar, tuple(None for _ in others)))
 
   solution.defvjp(fwd, bwd)
 
   def run(eta, theta0, inner_batches, opt_state0=None):
-    return solution(eta, theta0, inner_batches, opt_state0)
+    last = jax.tree.map(lambda x: x[-1], inner_batches)
+    loss, consts = mixflow.hoist_closure(inner_loss, theta0, eta, last)
+    return solution(loss, eta, theta0, inner_batches, opt_state0, consts)
 
   return run

@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import jax
+import jax.core
+import jax.numpy as jnp
 
 from metaflow._checks import PyTree
 
@@ -73,6 +75,42 @@ def first_order_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   return fn
 
 
+def hoist_closure(fn: Callable, *args: PyTree
+                  ) -> tuple[Callable, tuple[tuple, tuple]]:
+  """``fn`` with the traced values it closes over as explicit arguments.
+
+  Returns ``(converted, consts)`` with ``converted(*args, consts) ==
+  fn(*args)``; ``consts = (floats, others)``, the closed-over arrays of an
+  enclosing ``jit``, ``vmap`` or ``grad`` (e.g. a model's non-trainable
+  state, an argument of the jitted meta-step) split into floating-point
+  ones (which have cotangents) and the rest (integers, keys). A custom
+  derivative rule must take every traced value it uses as an input: JAX
+  traces a backward rule later, inside the reverse pass of the loop, where
+  a value of the trace around the rule is out of reach. With nothing to
+  hoist, ``consts`` is ``((), ())`` and ``converted`` calls ``fn`` itself.
+  """
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  traced = [i for i, c in enumerate(closed.consts)
+            if isinstance(c, jax.core.Tracer)]
+  if not traced:
+    return (lambda *args_consts: fn(*args_consts[:-1])), ((), ())
+  is_float = {i: jnp.issubdtype(jnp.result_type(closed.consts[i]), jnp.inexact)
+              for i in traced}
+  floats = tuple(closed.consts[i] for i in traced if is_float[i])
+  others = tuple(closed.consts[i] for i in traced if not is_float[i])
+
+  def converted(*args_consts):
+    *call_args, (new_floats, new_others) = args_consts
+    consts, f, o = list(closed.consts), iter(new_floats), iter(new_others)
+    for i in traced:
+      consts[i] = next(f) if is_float[i] else next(o)
+    out = jax.core.eval_jaxpr(closed.jaxpr, consts,
+                              *jax.tree.leaves(call_args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+  return converted, (floats, others)
+
+
 def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   r"""``(theta, eta, x) -> (L, grad_theta L)`` with MixFlow-MG's custom VJP.
 
@@ -95,33 +133,54 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   intermediates of the inner backward pass that reverse-over-reverse keeps, and
   the backward pass does about one extra gradient's worth of arithmetic.
   Cotangents for the batch x are returned as zero: the engine never
-  differentiates with respect to data. Everything eta influences inside L must
-  reach it through the explicit ``eta`` argument, never a closure: the rule
-  has no cotangent for closed-over values, and JAX raises an error ("...with
-  respect to a closed-over value") instead of silently dropping that gradient.
+  differentiates with respect to data.
+
+  Values L closes over (arrays of the trace around the loop: a model's
+  non-trainable state passed to the jitted step, or anything computed from
+  eta) are hoisted into explicit inputs of the rule (`hoist_closure`), and
+  each floating-point one, c, gets its cotangent by the same argument:
+  ``c_bar = c_coef * grad_c L + H_ct v`` with ``H_ct v = d(grad_c L)/dtheta
+  . v``, one more output of the same JVP. So a meta-gradient through a
+  closed-over value is exact, not dropped; when nothing is closed over the
+  rule is exactly the two-output one above. Integer values (counters, keys)
+  have no cotangent.
   The rule is first-order only: third derivatives through it are not defined.
   Inside ``shard_map``, a ``theta`` or ``eta`` replicated over a manual mesh
   axis gets its cotangent summed over that axis (`_typed_like`), as JAX's own
   rules do for a replicated input (the transpose of its implicit broadcast).
   """
-  joint_grad_jvp = gradient_jvp(inner_loss, argnums=(0, 1))
+  def value_and_grad(theta, eta, batch):
+    loss, consts = hoist_closure(inner_loss, theta, eta, batch)
+    return _mixflow_rule(loss)(theta, eta, batch, consts)
+
+  return value_and_grad
+
+
+def _mixflow_rule(loss: Callable) -> Callable:
+  """The custom-VJP ``(theta, eta, x, consts) -> (L, g)`` of
+  `mixflow_value_and_grad` for ``loss(theta, eta, x, consts)``."""
 
   @jax.custom_vjp
-  def value_and_grad(theta, eta, batch):
-    return jax.value_and_grad(inner_loss, argnums=0)(theta, eta, batch)
+  def value_and_grad(theta, eta, batch, consts):
+    return jax.value_and_grad(loss, argnums=0)(theta, eta, batch, consts)
 
-  def fwd(theta, eta, batch):
-    return value_and_grad(theta, eta, batch), (theta, eta, batch)
+  def fwd(theta, eta, batch, consts):
+    return (value_and_grad(theta, eta, batch, consts),
+            (theta, eta, batch, consts))
 
   def bwd(residuals, cotangents):
-    theta, eta, batch = residuals
+    theta, eta, batch, (floats, others) = residuals
     c, v = cotangents
-    (g_theta, g_eta), (h_tt_v, h_et_v) = joint_grad_jvp(theta, eta, batch, v)
-    theta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
-                             h_tt_v, g_theta, theta)
-    eta_bar = jax.tree.map(lambda h, g, p: _typed_like(h + c * g, p),
-                           h_et_v, g_eta, eta)
-    return theta_bar, eta_bar, None
+    # The joint gradient map theta -> (grad_theta, grad_eta, grad_floats) L.
+    grads = jax.grad(lambda th, et, fl: loss(th, et, batch, (fl, others)),
+                     argnums=(0, 1, 2))
+    (g_theta, g_eta, g_floats), (h_tt_v, h_et_v, h_ft_v) = jax.jvp(
+        lambda th: grads(th, eta, floats), (theta,), (v,))
+    bar = lambda h, g, p: _typed_like(h + c * g, p)
+    return (jax.tree.map(bar, h_tt_v, g_theta, theta),
+            jax.tree.map(bar, h_et_v, g_eta, eta), None,
+            (jax.tree.map(bar, h_ft_v, g_floats, floats),
+             tuple(None for _ in others)))
 
   value_and_grad.defvjp(fwd, bwd)
   return value_and_grad

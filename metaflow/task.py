@@ -243,8 +243,10 @@ class Functional:
   """A task's losses as pure functions of ``(theta, eta, batch)``.
 
   ``theta`` is the pure dict of the trained state; the other state (``rest``)
-  is a constant (see `Task`'s inner state policy). This is the bridge between
-  NNX modules and the engine (`metaflow.meta_value_and_grad`).
+  is a constant of the inner loop (see `Task`'s inner state policy), an
+  argument of the trainer's jitted functions (`metaflow.program.Model`).
+  This is the bridge between NNX modules and the engine
+  (`metaflow.meta_value_and_grad`).
 
   ``gathered``: optional shardings (a pytree like theta) that theta is
   constrained to where the module uses it. The trainer passes replicated

@@ -17,6 +17,7 @@ paper's reparameterisation), so compile time does not grow with T.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -141,6 +142,13 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
   strategy = Strategy.parse(strategy)
   num_steps = check_num_steps(num_steps)
   optimizer_fn = _as_optimizer_fn(optimizer)
+  return strategy.around_loop(
+      functools.partial(_loop, strategy, optimizer_fn, num_steps), inner_loss)
+
+
+def _loop(strategy: Strategy, optimizer_fn: Callable, num_steps: int,
+          inner_loss: Loss) -> Callable[..., InnerLoopResult]:
+  """`inner_loop`'s loop for one inner loss (what ``around_loop`` builds)."""
   # (L_t, g_t) with the estimator's differentiation rule.
   value_and_grad = strategy.inner_value_and_grad(inner_loss)
 
@@ -168,7 +176,7 @@ def inner_loop(inner_loss: Loss, optimizer: OptimizerSpec, num_steps: int,
                                            inner_batches, num_steps)
     return InnerLoopResult(theta_T, s_T, losses)
 
-  return strategy.around_loop(run, inner_loss)
+  return run
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -3,6 +3,7 @@ kind and strategy (float64, against a Python-loop reference), training
 behaviour, evaluation, and clear errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +265,72 @@ def test_functional_keeps_non_param_state_constant():
   np.testing.assert_array_equal(
       nnx.to_pure_dict(nnx.state(functional.model(theta), nnx.BatchStat))
       ["bn"]["mean"], 0.0)
+
+
+class Normalised(nnx.Module):
+  """A linear model behind BatchNorm in inference mode: its output depends
+  on the running statistics, state that is not theta."""
+
+  def __init__(self, rngs):
+    dtype = jnp.zeros(()).dtype
+    self.bn = nnx.BatchNorm(IN, use_running_average=True, param_dtype=dtype,
+                            rngs=rngs)
+    self.l = nnx.Linear(IN, 1, param_dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l(self.bn(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalisedTask(Regression):
+  def make_model(self, rngs):
+    return Normalised(rngs)
+
+
+def test_non_trainable_state_is_an_argument():
+  """The model's state that is not theta (BatchNorm's statistics) is an
+  argument of the jitted meta-gradient, not a constant compiled into it:
+  other statistics give another meta-gradient from the same program."""
+  trainer = BilevelTrainer(NormalisedTask(lr="tensor"), num_inner_steps=2,
+                           meta_batch_size=2, mesh=P.ONE_DEVICE)
+  rest = trainer.model.rest
+  assert set(rest["bn"]) == {"mean", "var"}
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(rest))
+  eta = trainer.init_state().eta
+  batch = trainer.layout.global_batch(next(trainer.train_batches()))
+  fn = jax.jit(functools.partial(metaflow.step.value_and_grad,
+                                 trainer.program, trainer.layout))
+  shifted = trainer.model._replace(rest=jax.tree.map(
+      lambda x: x + 0.5, rest))
+  lowered = fn.lower(eta, batch, trainer.model, None)
+  assert len(jax.tree.leaves(lowered.args_info)) == len(jax.tree.leaves(
+      (eta, batch, trainer.model)))
+  compiled = lowered.compile()
+  (a, _), grads_a = compiled(eta, batch, trainer.model, None)
+  (b, _), grads_b = compiled(eta, batch, shifted, None)
+  assert float(a) != float(b)
+  assert P.tree_rel_error(grads_a, grads_b) > 1e-3
+  # The facade passes the model's own statistics.
+  np.testing.assert_allclose(trainer.meta_value_and_grad(
+      eta, next(trainer.train_batches()))[0], a, rtol=1e-6)
+
+
+def test_every_estimator_with_non_trainable_state(x64):
+  """The rules of every estimator take the model's non-trainable state
+  (an argument of the jitted step, closed over by L): the exact ones agree,
+  the approximate ones give a finite, non-zero meta-gradient."""
+  kwargs = dict(num_inner_steps=2, meta_batch_size=2, mesh=P.ONE_DEVICE)
+  errors = P.trainer_strategy_errors(lambda s: BilevelTrainer(
+      NormalisedTask(lr="tensor", loss_weights=True), strategy=s, **kwargs))
+  assert max(max(e) for e in errors.values()) < 1e-10, errors
+  for strategy, task in (("implicit", NormalisedTask(learn_init=False,
+                                                     loss_weights=True)),
+                         ("first_order", NormalisedTask(learn_init=True))):
+    trainer = BilevelTrainer(task, strategy=strategy, **kwargs)
+    _, grads = trainer.meta_value_and_grad(trainer.init_state().eta,
+                                           next(trainer.train_batches()))
+    norm = float(optax.tree.norm(grads))
+    assert np.isfinite(norm) and norm > 0, strategy
 
 
 def test_errors():

@@ -16,8 +16,9 @@ estimators asks which estimator it has:
   forward-over-reverse rule, a stop-gradient);
 * `scan`: the ``lax.scan`` over the T steps, with what it stores for the
   backward pass (per-step remat, segments);
-* `around_loop`: the loop as a whole, for estimators that do not
-  differentiate through it at all (implicit differentiation);
+* `around_loop`: the loop as a whole, built from the inner loss, for
+  estimators that do not differentiate through it at all (implicit
+  differentiation);
 * `outer_value`: how V is evaluated (in chunks, with micro-batches);
 * `stored_carries` / `static_bytes`: the static memory it keeps;
 * `check_meta_params`: refusals, before anything is compiled, of the
@@ -123,11 +124,12 @@ class Strategy(metaclass=_FromMode):
     ``(theta, s)`` of every step is stored for the backward pass."""
     return jax.lax.scan(step, carry, xs, length=num_steps)
 
-  def around_loop(self, loop: Loop, inner_loss: Loss) -> Loop:
+  def around_loop(self, make_loop: Callable[[Loss], Loop],
+                  inner_loss: Loss) -> Loop:
     """The whole loop ``(eta, theta0, inner_batches, opt_state0) ->
-    InnerLoopResult`` as differentiated: the loop itself by default."""
-    del inner_loss
-    return loop
+    InnerLoopResult`` as differentiated, given ``make_loop(L)``, the plain
+    loop of an inner loss: ``make_loop(inner_loss)`` by default."""
+    return make_loop(inner_loss)
 
   def outer_value(self, outer_loss: Loss) -> Loss:
     """How ``V(theta_T, eta, x_val)`` is evaluated (and differentiated)."""

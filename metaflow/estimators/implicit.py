@@ -50,8 +50,9 @@ class Implicit(Strategy):
     # The loop is never differentiated itself (`around_loop`).
     return mixflow.standard_value_and_grad(inner_loss)
 
-  def around_loop(self, loop: Loop, inner_loss: Loss) -> Loop:
-    return implicit.at_solution(loop, inner_loss, self.cg_steps,
+  def around_loop(self, make_loop: Callable[[Loss], Loop],
+                  inner_loss: Loss) -> Loop:
+    return implicit.at_solution(make_loop, inner_loss, self.cg_steps,
                                 self.cg_damping)
 
   def stored_carries(self, num_steps: int) -> int:
