@@ -75,23 +75,37 @@ def first_order_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   return fn
 
 
+#: JAX's tracers of forward-mode differentiation: values that an enclosing
+#: ``jax.grad`` or ``jax.jvp`` differentiates. They are not hoisted: eta
+#: must reach L as its argument, and a closure over it keeps failing loudly
+#: (JAX's "closed-over value" error) rather than being differentiated a
+#: second time through a first-order rule.
+_DIFFERENTIATED = ("JVPTracer", "LinearizeTracer")
+
+
+def _differentiated(x: object) -> bool:
+  return any(c.__name__ in _DIFFERENTIATED for c in type(x).__mro__)
+
+
 def hoist_closure(fn: Callable, *args: PyTree
                   ) -> tuple[Callable, tuple[tuple, tuple]]:
   """``fn`` with the traced values it closes over as explicit arguments.
 
   Returns ``(converted, consts)`` with ``converted(*args, consts) ==
   fn(*args)``; ``consts = (floats, others)``, the closed-over arrays of an
-  enclosing ``jit``, ``vmap`` or ``grad`` (e.g. a model's non-trainable
+  enclosing ``jit``, ``scan`` or ``vmap`` (e.g. a model's non-trainable
   state, an argument of the jitted meta-step) split into floating-point
   ones (which have cotangents) and the rest (integers, keys). A custom
   derivative rule must take every traced value it uses as an input: JAX
   traces a backward rule later, inside the reverse pass of the loop, where
-  a value of the trace around the rule is out of reach. With nothing to
-  hoist, ``consts`` is ``((), ())`` and ``converted`` calls ``fn`` itself.
+  a value of the trace around the rule is out of reach ("No constant
+  handler"). Values under differentiation (`_DIFFERENTIATED`) stay closed
+  over. With nothing to hoist, ``consts`` is ``((), ())`` and
+  ``converted`` calls ``fn`` itself.
   """
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
   traced = [i for i, c in enumerate(closed.consts)
-            if isinstance(c, jax.core.Tracer)]
+            if isinstance(c, jax.core.Tracer) and not _differentiated(c)]
   if not traced:
     return (lambda *args_consts: fn(*args_consts[:-1])), ((), ())
   is_float = {i: jnp.issubdtype(jnp.result_type(closed.consts[i]), jnp.inexact)
@@ -135,15 +149,19 @@ def mixflow_value_and_grad(inner_loss: Loss) -> ValueAndGrad:
   Cotangents for the batch x are returned as zero: the engine never
   differentiates with respect to data.
 
-  Values L closes over (arrays of the trace around the loop: a model's
-  non-trainable state passed to the jitted step, or anything computed from
-  eta) are hoisted into explicit inputs of the rule (`hoist_closure`), and
-  each floating-point one, c, gets its cotangent by the same argument:
-  ``c_bar = c_coef * grad_c L + H_ct v`` with ``H_ct v = d(grad_c L)/dtheta
-  . v``, one more output of the same JVP. So a meta-gradient through a
-  closed-over value is exact, not dropped; when nothing is closed over the
-  rule is exactly the two-output one above. Integer values (counters, keys)
-  have no cotangent.
+  Everything eta influences inside L must reach it through the explicit
+  ``eta`` argument: a closure over a value that an enclosing ``jax.grad``
+  differentiates makes JAX raise an error ("...with respect to a
+  closed-over value") instead of silently dropping that gradient. Other
+  traced values L closes over (arrays of the trace around the loop: a
+  model's non-trainable state, an argument of the jitted step) are hoisted
+  into explicit inputs of the rule (`hoist_closure`); a floating-point one,
+  c, gets its cotangent by the same argument as eta, ``c_bar = c_coef *
+  grad_c L + H_ct v`` with ``H_ct v = d(grad_c L)/dtheta . v``, one more
+  output of the same JVP (exact if a transformation applied later, such as
+  ``jax.grad`` of a jitted function, differentiates it); integers and keys
+  get none. With nothing closed over the rule is exactly the two-output one
+  above.
   The rule is first-order only: third derivatives through it are not defined.
   Inside ``shard_map``, a ``theta`` or ``eta`` replicated over a manual mesh
   axis gets its cotangent summed over that axis (`_typed_like`), as JAX's own

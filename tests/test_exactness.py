@@ -234,12 +234,13 @@ def _count_equations(jaxpr) -> int:
 
 
 def test_losses_that_close_over_traced_values(x64):
-  """L and V may close over arrays of the trace around the meta-gradient
-  (a jitted function's arguments: a model's non-trainable state, integer
-  counters; a value computed from the eta being differentiated): every
-  strategy hoists them across its custom rules and gives the reference
-  meta-gradient, the path through the closed-over function of eta
-  included."""
+  """L and V may close over arrays of a jitted function around the
+  meta-gradient (a model's non-trainable state, an integer counter, a value
+  computed from eta that ``jax.grad`` of the jitted function then
+  differentiates): every strategy hoists them across its custom rules and
+  gives the reference meta-gradient, the path through the closed-over
+  function of eta included. (A closure over a value under differentiation
+  itself is refused: tests/test_errors.py.)"""
   rng = np.random.default_rng(0)
   d, n, steps = 3, 4, 3
   theta0 = jnp.asarray(rng.standard_normal(d))
@@ -263,15 +264,12 @@ def test_losses_that_close_over_traced_values(x64):
     return inner_loss, outer_loss
 
   def meta(strategy):
-    @jax.jit
-    def fn(eta, scale, count):  # scale and count: tracers closed over
-      def objective(eta):
-        inner_loss, outer_loss = losses(eta, scale, count)
-        return metaflow.meta_value_and_grad(
-            inner_loss, outer_loss, metaflow.optim.sgd(0.1), steps,
-            strategy).objective(eta, theta0, inner, outer)[0]
-      return jax.value_and_grad(objective)(eta)
-    return fn(eta, scale, count)
+    def objective(eta, scale, count):  # jitted: its arguments are tracers
+      inner_loss, outer_loss = losses(eta, scale, count)
+      return metaflow.meta_value_and_grad(
+          inner_loss, outer_loss, metaflow.optim.sgd(0.1), steps,
+          strategy).objective(eta, theta0, inner, outer)[0]
+    return jax.value_and_grad(jax.jit(objective))(eta, scale, count)
 
   def reference(eta):
     inner_loss, outer_loss = losses(eta, scale, count)
@@ -288,9 +286,9 @@ def test_losses_that_close_over_traced_values(x64):
 
 
 def test_implicit_through_a_closed_over_function_of_eta(x64):
-  """The implicit rule gives a closed-over value its implicit cotangent:
-  eta reaching L through a closure gets the meta-gradient it gets as an
-  explicit argument."""
+  """The implicit rule gives a hoisted closed-over value its implicit
+  cotangent: eta reaching L through a closure inside a jitted function gets
+  the meta-gradient it gets as an explicit argument."""
   rng = np.random.default_rng(1)
   d, n, steps, lam = 3, 6, 4, 2.0
   inner = {"x": jnp.asarray(rng.standard_normal((steps, n, d))),
@@ -307,20 +305,17 @@ def test_implicit_through_a_closed_over_function_of_eta(x64):
     return jnp.mean((b["x"] @ theta - b["y"]) ** 2)
 
   def meta(closed):
-    @jax.jit
-    def fn(eta):
-      def objective(eta):
-        if closed:
-          center = jnp.tanh(eta["a"])
-          inner_loss = lambda theta, eta, b: fit(theta, b, center)
-        else:
-          inner_loss = lambda theta, eta, b: fit(theta, b, jnp.tanh(eta["a"]))
-        return metaflow.meta_value_and_grad(
-            inner_loss, outer_loss, metaflow.optim.sgd(0.1), steps,
-            metaflow.Implicit(cg_steps=10)).objective(
-                eta, jnp.zeros(d), inner, outer)[0]
-      return jax.value_and_grad(objective)(eta)
-    return fn(eta)
+    def objective(eta):
+      if closed:
+        center = jnp.tanh(eta["a"])
+        inner_loss = lambda theta, eta, b: fit(theta, b, center)
+      else:
+        inner_loss = lambda theta, eta, b: fit(theta, b, jnp.tanh(eta["a"]))
+      return metaflow.meta_value_and_grad(
+          inner_loss, outer_loss, metaflow.optim.sgd(0.1), steps,
+          metaflow.Implicit(cg_steps=10)).objective(
+              eta, jnp.zeros(d), inner, outer)[0]
+    return jax.value_and_grad(jax.jit(objective))(eta)
 
   (v_closed, g_closed), (v_explicit, g_explicit) = meta(True), meta(False)
   np.testing.assert_allclose(v_closed, v_explicit, rtol=1e-12)
