@@ -35,7 +35,7 @@ Hessian-vector products.
 **What it cannot do.** eta that only steers the path (learned learning rates,
 the optimiser's hyper-parameters) and theta0 itself (a learned
 initialisation without a proximal term) do not move the stationary point:
-their implicit gradient is zero, and `MetaParams.check_strategy` refuses
+their implicit gradient is zero, and `Implicit.check_meta_params` refuses
 them. The gradient is wrong when the inner problem is not solved (theta_T not
 stationary: too few inner steps, too small a learning rate) or the solve is
 not (too few ``cg_steps`` for H's condition number, or H not positive

@@ -59,14 +59,14 @@ class Task(abc.ABC):
   with every exact gradient strategy (``standard``, ``mixflow``, ``+remat``,
   ``+remat+saved_inner_grads``): eta may enter theta0, Phi and L, and all of
   them compute the same meta-gradient. The approximate ones (``implicit``,
-  ``first_order``) see only some of these paths; `MetaParams.check_strategy`
-  (and, for user meta-parameters, the trainer) refuses what they would get
-  as zero. A task whose losses cannot be handled
-  by some strategy lists the ones it supports in ``supported_strategies`` and
-  says why in ``unsupported_reason``; `check_strategy` then rejects the others
-  before anything is compiled. MixFlow-MG differentiates the inner gradient
-  forward-mode, so L must be ``jax.jvp``-able (a custom-VJP op without a JVP
-  rule inside L is the typical reason to restrict a task to ``standard``).
+  ``first_order``) see only some of these paths; each refuses what it would
+  get as zero (`metaflow.Strategy.check_meta_params`). A task whose losses
+  cannot be handled by some strategy lists the ones it supports in
+  ``supported_strategies`` and says why in ``unsupported_reason``;
+  `check_strategy` then rejects the others before anything is compiled.
+  MixFlow-MG differentiates the inner gradient forward-mode, so L must be
+  ``jax.jvp``-able (a custom-VJP op without a JVP rule inside L is the
+  typical reason to restrict a task to ``standard``).
 
   **Sharding** (`metaflow.sharding`, several devices or processes). Every
   device computes on its own share of each meta-batch. By default the
