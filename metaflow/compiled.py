@@ -23,7 +23,6 @@ import math
 from typing import Optional, Union
 
 import jax
-import numpy as np
 from absl import logging
 
 from metaflow import memory, mixflow, planner, sharding
@@ -51,16 +50,10 @@ def static_bytes(program: Program, layout: Layout) -> int:
   theta0 = jax.eval_shape(program.spec.theta0, eta, layout.model_shapes.theta)
   inner_state = jax.eval_shape(
       lambda eta, theta: program.inner_optimizer(eta).init(theta), eta, theta0)
-  # The optimiser's structure (which state entries are shaped like theta)
-  # needs a concrete eta (learned rates are read when it is built): zeros
-  # that numpy allocates lazily and that are never written.
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), eta)
   theta_shardings = layout.theta_shardings
   carry = sharding.shard_bytes(
       (theta0, inner_state),
-      (theta_shardings, sharding.optimizer_state_shardings(
-          program.inner_optimizer(zeros), inner_state, theta_shardings,
-          layout.mesh)))
+      (theta_shardings, layout.inner_state_shardings(program, inner_state)))
   theta = sharding.shard_bytes(theta0, theta_shardings)
   return layout.episodes_per_device * program.strategy.static_bytes(
       program.num_inner_steps, carry, theta)

@@ -165,13 +165,22 @@ class Layout:
       return jax.tree.map(lambda _: population, state.learners)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                        state.learners.opt_state)
-    # The optimiser's structure (which state entries are shaped like theta)
-    # needs a concrete eta: zeros that numpy allocates lazily.
-    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.eta)
-    opt_state = sharding.optimizer_state_shardings(
-        program.inner_optimizer(zeros), one, self.theta_shardings, self.mesh)
     return Learners(self.chunked(self.theta_shardings),
-                    self.chunked(opt_state), self.replicated)
+                    self.chunked(self.inner_state_shardings(program, one)),
+                    self.replicated)
+
+  def inner_state_shardings(self, program: Program, inner_state: PyTree
+                            ) -> PyTree:
+    """Shardings of one inner optimiser state s (shapes ``inner_state``):
+    entries shaped like theta as theta, the rest replicated."""
+    # The optimiser's structure (which state entries are shaped like theta)
+    # needs a concrete eta (learned rates are read when it is built): zeros
+    # that numpy allocates lazily and that are never written.
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                         self.state_shapes.eta)
+    return sharding.optimizer_state_shardings(
+        program.inner_optimizer(zeros), inner_state, self.theta_shardings,
+        self.mesh)
 
   # ------------------------------------------------------------------ data
   def episodes(self, program: Program, split: str

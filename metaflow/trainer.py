@@ -120,7 +120,8 @@ class BilevelTrainer:
     data.check_split(eval_split)
     layout = Layout.build(program, sharding.make_mesh() if mesh is None
                           else mesh)
-    program = program.with_strategy(program.strategy, functools.partial(
+    # What needs shapes to check (first_order: does V read user entries?).
+    program.strategy.check_meta_params(program.spec, functools.partial(
         step_lib.outer_reads, program, layout))
     #: With strategy="auto": the `planner.Candidate`s compiled, in order.
     self.auto_table: Optional[list] = None
