@@ -1,12 +1,19 @@
-"""Shared command-line plumbing of the launchers (`launch.local`,
-`launch.tpu_pod`, `launch.slurm`).
+"""Shared command-line plumbing of the runners and launchers.
 
-A launcher's command line is ``python -m launch.NAME [own flags] --
-[launch.train arguments]``: its own flags are parsed with absl (a fresh
-``FlagValues`` per call, so nothing leaks between calls in one process);
-everything after the first ``--`` is passed through untouched. Bad input is
-reported as one line, ``error: ...`` on stderr, with exit status 2, as in
-``launch.train``; a step that ran and failed as ``error: ...`` with status 1.
+Every command (`launch.benchmark`, `launch.benchmark_lm`, `launch.curate`,
+`launch.evaluate`, `launch.plan`, the cluster launchers `launch.cluster.*`
+and the experiments' ``python -m experiments.NAME``) parses its flags with
+absl, into a fresh ``FlagValues`` per call (`parse_flags`: nothing leaks
+between calls in one process). One convention for all of them: ``--help``
+prints the module docstring (the usage) and the flags and exits with status
+0; bad input (an unknown flag, a malformed or out-of-range value, a missing
+required flag, a stray argument) is reported as one line, ``error: ...`` on
+stderr, with exit status 2, as in ``launch.train``; a step that ran and
+failed as ``error: ...`` with status 1 (`call_main`, `run_main`).
+
+A launcher's command line is ``python -m launch.cluster.NAME [own flags] --
+[launch.train arguments]``: everything after the first ``--`` is passed
+through untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Callable, Iterable, Optional, Sequence
+import textwrap
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from absl import flags
 
@@ -93,37 +101,171 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return args, []
 
 
-def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
-                doc: str) -> list[str]:
-  """Parses the launcher's own flags into ``flag_values``.
+#: The arguments that ask for help.
+HELP_FLAGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
 
-  ``-h``/``--help`` prints ``doc`` and the flags and exits with status 0.
+
+def wants_help(argv: Sequence[str]) -> bool:
+  """Whether ``argv`` (``argv[0]`` is the program) asks for help before a
+  ``--``, if any."""
+  return any(arg in HELP_FLAGS for arg in split_argv(argv)[0])
+
+
+def help_text(flag_values: flags.FlagValues, doc: str,
+              extra: Optional[Callable[[], str]] = None,
+              required: Iterable[str] = (),
+              names: Optional[Iterable[str]] = None) -> str:
+  """A command's ``--help``: ``doc``, its flags (by name, each with its help,
+  default or whether it is ``required``, and allowed range) and ``extra()``
+  (if given). ``names``: only these flags (default: all of
+  ``flag_values``)."""
+  required = set(required)
+  lines = [doc.strip(), "", "flags:"]
+  for name in sorted(flag_values if names is None else names):
+    flag = flag_values[name]
+    if flag.name != name:  # A short name.
+      continue
+    # An enum's values (``<a|b|c>``) may break between values.
+    text = f"--{'[no]' * flag.boolean}{name}: {flag.help.replace('|', ' | ')}"
+    notes = (["required"] if name in required else
+             [f"default: {flag.default_as_str}"] * (flag.default is not None))
+    notes += [flag.parser.syntactic_help] * bool(flag.parser.syntactic_help)
+    lines += textwrap.wrap(text, 79, initial_indent="  ",
+                           subsequent_indent="      ")
+    if notes:
+      lines += textwrap.wrap(f"({'; '.join(notes)})", 79,
+                             initial_indent="      ",
+                             subsequent_indent="       ")
+  if extra is not None:
+    lines += ["", extra().strip()]
+  return "\n".join(lines)
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
+                doc: str, *, passthrough: bool = True,
+                required: Iterable[str] = (),
+                help_extra: Optional[Callable[[], str]] = None) -> list[str]:
+  """Parses a command's own flags into ``flag_values``.
+
+  ``-h``/``--help`` (before any ``--``) prints `help_text` and exits with
+  status 0.
 
   Args:
-    flag_values: a fresh ``FlagValues`` with the launcher's flags.
+    flag_values: a fresh ``FlagValues`` with the command's flags.
     argv: the full command line (``argv[0]`` is the program).
-    doc: the launcher's module docstring.
+    doc: the command's module docstring (its usage).
+    passthrough: the arguments after the first ``--`` are the command's to
+      pass on (a launcher's ``launch.train`` arguments); without it, every
+      argument must be one of the command's flags.
+    required: flags that must be given a value (not None, not empty).
+    help_extra: returns text appended to ``--help`` (called for it only).
 
   Returns:
-    The arguments after ``--``.
+    The arguments after ``--`` (none without ``passthrough``).
 
   Raises:
-    UsageError: unknown flag, malformed value, or an argument before ``--``
-      that is not a flag.
+    UsageError: unknown flag, malformed or out-of-range value, missing
+      required flag, or an argument that is not a flag (before ``--`` with
+      ``passthrough``).
   """
-  own, passthrough = split_argv(argv)
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in own):
-    print(doc.strip() + "\n\nflags:\n"
-          + flag_values.get_help(include_special_flags=False).strip())
+  if wants_help(argv):
+    print(help_text(flag_values, doc, help_extra, required))
     sys.exit(0)
+  own, after = split_argv(argv) if passthrough else (list(argv[1:]), [])
   try:
-    rest = flag_values([argv[0] if argv else "launcher", *own])
+    rest = flag_values([argv[0] if argv else "command", *own])
   except flags.Error as e:
     raise UsageError(one_line(e)) from None
   if len(rest) > 1:
-    raise UsageError(f"unexpected arguments before --: {shlex.join(rest[1:])} "
-                     "(the launch.train arguments go after --).")
-  return passthrough
+    if passthrough:
+      raise UsageError(f"unexpected arguments before --: "
+                       f"{shlex.join(rest[1:])} (the launch.train arguments "
+                       "go after --).")
+    raise UsageError(f"unexpected arguments: {shlex.join(rest[1:])} (every "
+                     "setting is a --flag; --help lists them).")
+  for name in required:
+    if flag_values[name].value in (None, ""):
+      raise UsageError(f"--{name} is required.")
+  return after
+
+
+class _TextParser(flags.ArgumentParser):
+  """An absl parser of ``parse(text)``; a value that is not text (a default
+  given as the parsed value) is kept as it is."""
+
+  def __init__(self, parse: Callable[[str], Any], syntax: str):
+    self._parse_text, self._syntax = parse, syntax
+
+  def parse(self, argument):
+    return self._parse_text(argument) if isinstance(argument, str) else argument
+
+  def flag_type(self) -> str:
+    return self._syntax
+
+
+class _TextSerializer(flags.ArgumentSerializer):
+  """The command-line text of a parsed value (how ``--help`` shows it)."""
+
+  def __init__(self, serialize: Callable[[Any], str]):
+    self._serialize = serialize
+
+  def serialize(self, value) -> str:
+    return self._serialize(value)
+
+
+def _comma_join(value) -> str:
+  if isinstance(value, dict):
+    return ",".join(f"{k}={v}" for k, v in value.items())
+  return ",".join(getattr(v, "name", str(v)) for v in value)
+
+
+def define_parsed(name: str, default, parse: Callable[[str], Any],
+                  help_string: str, flag_values: flags.FlagValues, *,
+                  syntax: str = "text",
+                  serialize: Callable[[Any], str] = _comma_join) -> None:
+  """Defines a flag whose text ``parse`` converts: a ``ValueError`` from it
+  is a bad value, reported as absl reports one (``flag --NAME=V: ...``).
+
+  Args:
+    name: the flag's name.
+    default: its default, as text (parsed) or as the parsed value.
+    parse: text -> value; ValueError on a bad value.
+    help_string: the flag's help.
+    flag_values: the command's ``FlagValues``.
+    syntax: the kind of value, for ``--help``.
+    serialize: value -> text (for ``--help``'s default; default: the items
+      of a list or dict comma-separated).
+  """
+  flags.DEFINE(_TextParser(parse, syntax), name, default, help_string,
+               flag_values=flag_values, serializer=_TextSerializer(serialize))
+
+
+def positive_ints(text: str) -> list[int]:
+  """``"1,4,16"`` -> ``[1, 4, 16]``; ValueError unless every item is an
+  integer >= 1 (and there is one)."""
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"expected comma-separated integers, got {text!r}."
+                     ) from None
+  if not values or min(values) < 1:
+    raise ValueError(f"expected positive integers, got {text!r}.")
+  return values
+
+
+def names_in(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+  """A parser of comma-separated names, each one of ``known``; ValueError
+  (naming them ``what``) for an unknown one or none."""
+
+  def parse(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+      raise ValueError(f"unknown {what} {', '.join(unknown) or '(none)'}; "
+                       f"expected some of {', '.join(known)}.")
+    return names
+
+  return parse
 
 
 def flag_value(args: Sequence[str], name: str) -> Optional[str]:
@@ -207,17 +349,23 @@ def run_checked(command: Sequence[str], launcher: str,
     raise CommandError(f"exit status {status} from: {shell_join(command)}")
 
 
-def run_main(main: Callable[[Sequence[str]], int],
-             argv: Optional[Sequence[str]] = None) -> None:
-  """Runs ``main(argv)`` and exits with its status; `UsageError` is printed as
-  ``error: ...`` (status 2), `CommandError` as ``error: ...`` (status 1)."""
-  argv = list(sys.argv if argv is None else argv)
+def call_main(main: Callable[[Sequence[str]], int],
+              argv: Optional[Sequence[str]] = None) -> int:
+  """``main(argv)``'s exit status (``argv`` without the program name;
+  default ``sys.argv[1:]``); `UsageError` is printed as ``error: ...`` on
+  stderr (status 2), `CommandError` likewise (status 1)."""
   try:
-    status = main(argv)
+    return main(list(sys.argv[1:] if argv is None else argv))
   except UsageError as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+    return 2
   except CommandError as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(1)
-  sys.exit(status)
+    return 1
+
+
+def run_main(main: Callable[[Sequence[str]], int],
+             argv: Optional[Sequence[str]] = None) -> None:
+  """Exits with `call_main`'s status of ``main(argv)`` (default
+  ``sys.argv``)."""
+  sys.exit(call_main(main, sys.argv if argv is None else argv))

@@ -11,84 +11,85 @@ and, when matplotlib is installed, ``benchmark.png`` to ``--out``.
 The approximate strategies (implicit, first_order) are costed on the same
 problem, whose learned learning rates implicit cannot see and whose loss
 weights first_order cannot: their rows are memory and time only (accuracy:
-``python -m launch.study_estimators``).
+``python -m experiments.estimators``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from typing import Optional, Sequence
 
 import jax
+from absl import flags
 
 import metaflow
+from launch import _cli
 from tasks.weight_tied import WeightTiedProblem
 
 _MIB = 2.0**20
 
 
-def _int_list(text: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected comma-separated integers, got {text!r}") from None
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(
-        f"expected positive integers, got {text!r}")
-  return values
-
-
 def _strategy_list(text: str) -> list[metaflow.Strategy]:
-  try:
-    return [metaflow.Strategy.parse(s) for s in text.split(",") if s.strip()]
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
+  """``"mixflow,implicit"`` -> the strategies; ValueError on a bad name."""
+  return [metaflow.Strategy.parse(s) for s in text.split(",") if s.strip()]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m launch.benchmark",
-      description="Compiled memory and step time of each gradient strategy.")
-  p.add_argument("--strategies", type=_strategy_list,
-                 default=list(metaflow.all_strategies()),
-                 help="comma-separated strategies (default: all): "
-                 + ", ".join(metaflow.valid_strategy_names()))
-  p.add_argument("--steps", type=_int_list, default=[2, 4, 8],
-                 help="inner steps T (default 2,4,8)")
-  p.add_argument("--depths", type=_int_list, default=[1, 4, 16],
-                 help="depths M of the weight-tied network (default 1,4,16)")
-  p.add_argument("--width", type=int, default=128, help="layer width d")
-  p.add_argument("--batch", type=int, default=128, help="inner batch size B")
-  p.add_argument("--inner_optimizer", choices=metaflow.optim.NAMES,
-                 default="momentum",
-                 help="inner optimiser (default momentum; adam adds the "
-                 "T copies of (theta, mu, nu) to static memory)")
-  p.add_argument("--repeats", type=int, default=20,
-                 help="timed runs per configuration (median reported)")
-  p.add_argument("--out", default="benchmark_results",
-                 help="folder for benchmark.json and benchmark.png")
-  args = p.parse_args(argv)
-  if args.width < 1 or args.batch < 1 or args.repeats < 1:
-    p.error("--width, --batch and --repeats must be positive")
-  return check_common_args(p, args)
+def define_strategies(fv: flags.FlagValues) -> None:
+  """``--strategies`` (default: all) in ``fv``."""
+  _cli.define_parsed(
+      "strategies", list(metaflow.all_strategies()), _strategy_list,
+      "Comma-separated strategies (standard, the reference, is always "
+      "measured): " + ", ".join(metaflow.valid_strategy_names()) + ".", fv,
+      syntax="strategies")
 
 
-def check_common_args(parser: argparse.ArgumentParser,
-                      args: argparse.Namespace) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  define_strategies(fv)
+  _cli.define_parsed("steps", "2,4,8", _cli.positive_ints,
+                     "Inner steps T (comma-separated).", fv, syntax="ints")
+  _cli.define_parsed("depths", "1,4,16", _cli.positive_ints,
+                     "Depths M of the weight-tied network (comma-separated).",
+                     fv, syntax="ints")
+  flags.DEFINE_integer("width", 128, "Layer width d.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("batch", 128, "Inner batch size B.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum("inner_optimizer", "momentum", metaflow.optim.NAMES,
+                    "Inner optimiser (adam adds the T copies of (theta, mu, "
+                    "nu) to static memory).", flag_values=fv)
+  flags.DEFINE_integer("repeats", 20, "Timed runs per configuration (median "
+                       "reported).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("out", "benchmark_results", "Folder for benchmark.json "
+                      "and benchmark.png.", flag_values=fv)
+  _cli.parse_flags(fv, ["launch.benchmark", *argv], __doc__,
+                   passthrough=False)
+  return check_common_args(fv)
+
+
+def check_common_args(fv: flags.FlagValues) -> flags.FlagValues:
   """Checks ``--out``; puts ``standard`` first among the strategies (the
-  ratios are relative to it)."""
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    parser.error(f"--out {args.out!r} exists and is not a folder")
+  ratios are relative to it).
+
+  Raises:
+    UsageError: ``--out`` is a file.
+  """
+  if os.path.exists(fv.out) and not os.path.isdir(fv.out):
+    raise _cli.UsageError(f"--out {fv.out!r} exists and is not a folder.")
   standard = metaflow.Strategy("standard")
-  if standard not in args.strategies:
-    args.strategies.insert(0, standard)
-  return args
+  if standard not in fv.strategies:
+    fv.strategies = [standard, *fv.strategies]
+  return fv
 
 
 def measure(problem: WeightTiedProblem, example: tuple,
@@ -124,7 +125,7 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: flags.FlagValues) -> list[dict]:
   rows = []
   header = (f"{'strategy':34s} {'T':>2s} {'M':>3s} {'temp MiB':>9s} "
             f"{'static':>7s} {'dynamic':>8s} {'std/this':>8s} "
@@ -169,7 +170,12 @@ def plot(rows: list[dict], plt):
   return fig
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   print(f"metaflow benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); weight-tied network, width {args.width}, "

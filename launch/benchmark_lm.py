@@ -24,32 +24,29 @@ one-device figures of the same configuration (compiled in the same run) and
 their ratios. On a CPU, ``--host_devices N`` makes N host devices (it sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts):
 
-    python -m launch.benchmark_lm --tasks lm_maml --preset chinchilla_57m \
-        --steps 4 --batch 8 --seq_len 2048 --repeats 0 \
+    python -m launch.benchmark_lm --tasks lm_maml --preset chinchilla_57m \\
+        --steps 4 --batch 8 --seq_len 2048 --repeats 0 \\
         --host_devices 8 --mesh data=1,fsdp=8
 
-``--sweep paper|largest|time|quick`` runs one of the predefined, resumable
-sweeps of `launch.sweep` instead (the paper's Table 1 grid, its "largest
-model that fits" table, step times; results in ``performance/``); only
-``--out`` and ``--repeats`` apply to them.
+The paper's predefined sweeps (Table 1's grid, the largest model that fits,
+step times) are ``python -m experiments.paper_sweep``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from typing import Optional, Sequence
 
 import jax
+from absl import flags
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
-from launch import sweep
-from launch._cli import UsageError, start_backend
+from launch import _cli
 from launch.benchmark import (
-  _int_list,
-  _strategy_list,
   check_common_args,
+  define_strategies,
   median_seconds,
   write_results,
 )
@@ -57,69 +54,56 @@ from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
 _MIB = 2.0**20
-LM_TASKS = sweep.LM_TASKS
+#: The language-model tasks (`experiments.paper_sweep` sweeps them too).
+LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m launch.benchmark_lm",
-      description="Compiled memory and step time of each gradient strategy "
-      "on the language-model tasks.")
-  p.add_argument("--tasks", default="lm_loss_weighting",
-                 help="comma-separated tasks (default lm_loss_weighting): "
-                 + ", ".join(LM_TASKS))
-  p.add_argument("--strategies", type=_strategy_list,
-                 default=list(metaflow.all_strategies()),
-                 help="comma-separated strategies (default: all)")
-  p.add_argument("--proximal", type=float, default=1.0,
-                 help="lm_maml's proximal strength (iMAML's term, which "
-                 "implicit needs; default 1.0)")
-  p.add_argument("--preset", default="tiny",
-                 help="model preset (tasks.lm.model.PRESETS; default tiny)")
-  p.add_argument("--steps", type=_int_list, default=[4],
-                 help="inner steps T (default 4)")
-  p.add_argument("--batch", type=_int_list, default=[4],
-                 help="sequences per inner step B (default 4)")
-  p.add_argument("--seq_len", type=_int_list, default=[512],
-                 help="sequence lengths L (default 512)")
-  p.add_argument("--compute_dtype", default="", choices=("", "bfloat16"),
-                 help="activations' dtype (default: the parameters')")
-  p.add_argument("--remat_blocks", action="store_true",
-                 help="jax.checkpoint around each transformer block")
-  p.add_argument("--data_path", default="",
-                 help="text file(s) for the batches (default: embedded)")
-  p.add_argument("--repeats", type=int, default=5,
-                 help="timed meta-gradients per configuration (0: memory "
-                 "only, nothing runs)")
-  p.add_argument("--out", default=None,
-                 help="folder for benchmark_lm.json and benchmark_lm.png "
-                 "(default benchmark_results; with --sweep, performance)")
-  p.add_argument("--sweep", default="", choices=("",) + sweep.SWEEPS,
-                 help="a predefined sweep instead of the flags' grid "
-                 "(launch.sweep): paper (Table 1), largest (Table 2), time, "
-                 "quick (two small points); resumable, one JSON line per "
-                 "point in OUT/sweep_NAME.jsonl")
-  p.add_argument("--mesh", type=_mesh, default=None,
-                 help="data=D,fsdp=F: per-device memory on that mesh, next "
-                 "to one device's (default: one device only)")
-  p.add_argument("--host_devices", type=int, default=0,
-                 help="make N CPU host devices for --mesh (sets XLA_FLAGS "
-                 "before JAX starts)")
-  args = p.parse_args(argv)
-  if args.out is None:
-    args.out = "performance" if args.sweep else "benchmark_results"
-  if args.host_devices < 0:
-    p.error("--host_devices must be >= 0")
-  args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-  unknown = sorted(set(args.tasks) - set(LM_TASKS))
-  if unknown or not args.tasks:
-    p.error(f"unknown task(s) {unknown}; expected some of {LM_TASKS}")
-  if args.preset not in lm_model.PRESETS:
-    p.error(f"unknown preset {args.preset!r}; known: "
-            f"{', '.join(lm_model.PRESETS)}")
-  if args.repeats < 0:
-    p.error("--repeats must be >= 0")
-  return check_common_args(p, args)
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  _cli.define_parsed("tasks", "lm_loss_weighting",
+                     _cli.names_in(LM_TASKS, "task(s)"),
+                     "Comma-separated tasks: " + ", ".join(LM_TASKS) + ".", fv,
+                     syntax="tasks")
+  define_strategies(fv)
+  flags.DEFINE_float("proximal", 1.0, "lm_maml's proximal strength (iMAML's "
+                     "term, which implicit needs).", lower_bound=0.0,
+                     flag_values=fv)
+  flags.DEFINE_enum("preset", "tiny", list(lm_model.PRESETS),
+                    "Model preset (tasks.lm.model.PRESETS).", flag_values=fv)
+  _cli.define_parsed("steps", "4", _cli.positive_ints,
+                     "Inner steps T (comma-separated).", fv, syntax="ints")
+  _cli.define_parsed("batch", "4", _cli.positive_ints,
+                     "Sequences per inner step B (comma-separated).", fv,
+                     syntax="ints")
+  _cli.define_parsed("seq_len", "512", _cli.positive_ints,
+                     "Sequence lengths L (comma-separated).", fv,
+                     syntax="ints")
+  flags.DEFINE_enum("compute_dtype", "", ["", "bfloat16"], "Activations' "
+                    "dtype (empty: the parameters').", flag_values=fv)
+  flags.DEFINE_boolean("remat_blocks", False, "jax.checkpoint around each "
+                       "transformer block.", flag_values=fv)
+  flags.DEFINE_string("data_path", "", "Text file(s) for the batches (empty: "
+                      "the embedded corpus).", flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed meta-gradients per configuration "
+                       "(0: memory only, nothing runs).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_string("out", "benchmark_results", "Folder for "
+                      "benchmark_lm.json and benchmark_lm.png.",
+                      flag_values=fv)
+  _cli.define_parsed("mesh", None, _mesh, "data=D,fsdp=F: per-device memory "
+                     "on that mesh, next to one device's (default: one device "
+                     "only).", fv, syntax="data=D,fsdp=F")
+  flags.DEFINE_integer("host_devices", 0, "Make N CPU host devices for --mesh "
+                       "(sets XLA_FLAGS before JAX starts).", lower_bound=0,
+                       flag_values=fv)
+  _cli.parse_flags(fv, ["launch.benchmark_lm", *argv], __doc__,
+                   passthrough=False)
+  return check_common_args(fv)
 
 
 def _mesh(text: str) -> dict[str, int]:
@@ -128,11 +112,9 @@ def _mesh(text: str) -> dict[str, int]:
     sizes = {k.strip(): int(v) for k, v in
              (part.split("=") for part in text.split(","))}
   except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected data=D,fsdp=F, got {text!r}") from None
+    raise ValueError(f"expected data=D,fsdp=F, got {text!r}.") from None
   if not set(sizes) <= {"data", "fsdp"}:
-    raise argparse.ArgumentTypeError(
-        f"mesh axes are data and fsdp, got {sorted(sizes)}")
+    raise ValueError(f"mesh axes are data and fsdp, got {sorted(sizes)}.")
   return sizes
 
 
@@ -165,7 +147,7 @@ def measure(task: metaflow.Task, num_steps: int, strategy: metaflow.Strategy,
   return row
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: flags.FlagValues) -> list[dict]:
   rows = []
   header = (f"{'task':18s} {'strategy':34s} {'T':>2s} {'B':>2s} {'L':>5s} "
             f"{'temp MiB':>9s} {'static':>7s} {'dynamic':>8s} "
@@ -248,27 +230,15 @@ def plot(rows: list[dict], plt):
   return fig
 
 
-#: Sweeps that only compile: code generation without optimisation (the
-#: buffer assignment is made before it).
-_FAST_COMPILE = ("--xla_backend_optimization_level=0",)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
 
 
-def main(argv=None) -> int:
+def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
-  if args.sweep:
-    devices = (max(sweep.LARGEST["devices"]) if args.sweep == "largest"
-               else args.host_devices)
-    try:
-      start_backend(devices, () if args.sweep == "time" else _FAST_COMPILE)
-    except UsageError as e:
-      raise SystemExit(f"error: {e}") from None
-    sweep.run(args.sweep, args.out, args.repeats)
-    return 0
   if args.host_devices:
-    try:
-      start_backend(args.host_devices)
-    except UsageError as e:
-      raise SystemExit(f"error: {e}") from None
+    _cli.start_backend(args.host_devices)
   print(f"metaflow LM benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); preset {args.preset}"
         + (f", mesh {sharding.describe(sharding.make_mesh(**args.mesh))}"

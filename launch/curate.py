@@ -25,34 +25,43 @@ train on with ``--config.task.data_path``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
+
+from launch import _cli
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m launch.curate",
-      description="Score (and filter) text with a run's trained data rater.")
-  p.add_argument("--workdir", required=True, help="the rater's run")
-  p.add_argument("--data_path", required=True,
-                 help="comma-separated text files to score")
-  p.add_argument("--out", required=True, help="the scores (JSON lines)")
-  p.add_argument("--keep", type=float, default=None,
-                 help="fraction of each file's sequences to keep (0, 1]")
-  p.add_argument("--kept_out", default=None,
-                 help="directory of the kept text (with --keep)")
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--step", type=int, default=None,
-                 help="checkpoint step (default: the latest)")
-  return p.parse_args(argv)
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The rater's run (a launch.train "
+                      "--workdir).", flag_values=fv)
+  flags.DEFINE_string("data_path", None, "Comma-separated text files to "
+                      "score.", flag_values=fv)
+  flags.DEFINE_string("out", None, "The scores (JSON lines).", flag_values=fv)
+  flags.DEFINE_float("keep", None, "Fraction of each file's sequences to keep, "
+                     "in (0, 1] (with --kept_out).", flag_values=fv)
+  flags.DEFINE_string("kept_out", None, "Directory of the kept text (with "
+                      "--keep).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 256, "Sequences per jitted batch.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
+                       lower_bound=0, flag_values=fv)
+  _cli.parse_flags(fv, ["launch.curate", *argv], __doc__, passthrough=False,
+                   required=("workdir", "data_path", "out"))
+  return fv
 
 
-def check_args(args: argparse.Namespace) -> list[str]:
+def check_args(args: flags.FlagValues) -> list[str]:
   """The files to score; ValueError/FileNotFoundError on bad arguments."""
   paths = [p.strip() for p in args.data_path.split(",") if p.strip()]
   if not paths:
@@ -62,8 +71,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"text file {path!r} does not exist (or is "
                               "not a file).")
-  if args.batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
   if (args.keep is None) != (args.kept_out is None):
     raise ValueError("--keep and --kept_out go together.")
   if args.keep is not None:
@@ -140,6 +147,11 @@ def score_files(trainer, eta, paths: Sequence[str], batch_size: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   from launch import evaluate
   args = parse_args(argv)
   try:
@@ -147,8 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer, step, eta = evaluate.rebuild(args.workdir, args.step)
     scores = score_files(trainer, eta, paths, args.batch_size)
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise _cli.UsageError(_cli.one_line(e)) from None
   length = trainer.task.seq_len + 1
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

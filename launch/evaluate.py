@@ -28,40 +28,49 @@ Writes ``DIR/evaluate.json`` (``curves``: name -> ``[[step, loss], ...]``,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
 
-from launch import benchmark
+from launch import _cli, _config, benchmark
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m launch.evaluate",
-      description="A fresh inner model trained N steps with a run's eta.")
-  p.add_argument("--workdir", required=True, help="the run's --workdir")
-  p.add_argument("--inner_steps", type=int, required=True,
-                 help="N: inner steps of the fresh model (a multiple of T)")
-  p.add_argument("--baseline", action="store_true",
-                 help="also the same run with the initial eta")
-  p.add_argument("--lr_grid", action="store_true",
-                 help="also constant learning rates (learned-rate tasks)")
-  p.add_argument("--lr_grid_points", type=int, default=7)
-  p.add_argument("--eval_every", type=int, default=0,
-                 help="steps between held-out losses (default: N/20, "
-                 "rounded to whole windows)")
-  p.add_argument("--eval_batches", type=int, default=8,
-                 help="held-out outer batches V is averaged over")
-  p.add_argument("--split", default="test",
-                 help="held-out split: validation or test")
-  p.add_argument("--step", type=int, default=None,
-                 help="checkpoint step (default: the latest)")
-  p.add_argument("--out", default=None, help="default: WORKDIR/evaluate")
-  return p.parse_args(argv)
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  from metaflow.data import SPLITS
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The run's --workdir.", flag_values=fv)
+  flags.DEFINE_integer("inner_steps", None, "N: inner steps of the fresh "
+                       "model (a multiple of T).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_boolean("baseline", False, "Also the same run with the initial "
+                       "eta.", flag_values=fv)
+  flags.DEFINE_boolean("lr_grid", False, "Also constant learning rates "
+                       "(learned-rate tasks).", flag_values=fv)
+  flags.DEFINE_integer("lr_grid_points", 7, "Constant rates of --lr_grid.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("eval_every", 0, "Steps between held-out losses (0: "
+                       "N/20, rounded to whole windows).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_integer("eval_batches", 8, "Held-out outer batches V is "
+                       "averaged over.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum("split", "test", SPLITS, "Held-out split.",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder (default: "
+                      "WORKDIR/evaluate).", flag_values=fv)
+  _cli.parse_flags(fv, ["launch.evaluate", *argv], __doc__, passthrough=False,
+                   required=("workdir", "inner_steps"))
+  return fv
 
 
 def saved_run(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
@@ -109,16 +118,15 @@ def rebuild(workdir: str, step: Optional[int] = None):
   import jax
 
   import tasks  # noqa: F401  (registers the built-in tasks)
-  from launch import train
   from metaflow import checkpoint, sharding
   step, fingerprint = saved_run(workdir, step)
   run = fingerprint["run"]
-  config = train._load_config(train.config_path(fingerprint["task"]))
+  config = _config.load_config(_config.config_path(fingerprint["task"]))
   config.unlock()
   _update(config, run)
   jax.config.update("jax_enable_x64", bool(config.x64))
-  trainer = train.build(fingerprint["task"], config,
-                        mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+  trainer = _config.build(fingerprint["task"], config,
+                          mesh=sharding.make_mesh(devices=jax.devices()[:1]))
   restored = checkpoint.Checkpointer(
       workdir, trainer.fingerprint(run)).restore_step(
           step, trainer.init_state())
@@ -156,6 +164,11 @@ def plot(result: dict, plt):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   try:
     trainer, step, eta = rebuild(args.workdir, args.step)
@@ -165,8 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.baseline:
       runs["initial"] = trainer.init_state().eta
     if args.lr_grid:
-      if args.lr_grid_points < 1:
-        raise ValueError("--lr_grid_points must be >= 1.")
       runs.update(lr_grid(trainer, eta, args.lr_grid_points))
     curves = {}
     for name, run_eta in runs.items():
@@ -176,8 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"{name}: held-out loss {curves[name][0][1]:.4f} -> "
             f"{curves[name][-1][1]:.4f} after {args.inner_steps} steps")
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise _cli.UsageError(_cli.one_line(e)) from None
   final = {name: curve[-1][1] for name, curve in curves.items()}
   constants = {k: v for k, v in final.items() if k.startswith("lr=")}
   result = {"task": trainer.task.name, "workdir": os.path.abspath(

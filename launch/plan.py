@@ -2,8 +2,9 @@
 
     python -m launch.plan --task lm_loss_weighting [--config FILE] \\
         [--config.task.seq_len=256 ...] [--budget 16GiB] [--out plan_results] \\
-        [--max_steps 4096] [--searches num_inner_steps,seq_len,preset] \\
-        [--max_probes 8] [--host_devices N]
+        [--search quick|full] [--max_steps 4096] \\
+        [--searches num_inner_steps,seq_len,preset] [--max_probes N] \\
+        [--host_devices N]
 
 The config is read as ``launch.train`` reads it (``launch/configs/<task>.py``
 by default, ``--config.key=value`` overrides); the budget is ``--budget``, else
@@ -29,14 +30,24 @@ seconds each. What is measured, per device of the config's mesh:
    interpolates between the figures compiled (memory is close to affine in T
    and in the parameter count) and stops when the next value up is known not
    to fit, or after ``--max_probes`` compiles (the answer is then a lower
-   bound, marked so). Since ``auto`` also tries the probe strategy (and more
-   candidates at larger T), ``auto`` fits wherever the probe strategy does:
-   each largest value is one ``auto`` fits, and a lower bound of auto's own.
+   bound, marked so, with the smallest value known not to fit).
+   ``--search quick`` (the default: a minute or two on 2 CPU cores) compiles
+   each search's limit first and at most 2 probes per search, so a search
+   ends with the limit, the interpolated value (a lower bound) or none;
+   ``--search full`` (minutes) starts next to the config's value and
+   compiles up to 8 (``--max_probes N`` sets either's count). Since
+   ``auto`` also tries the probe strategy (and more candidates at larger
+   T), ``auto`` fits wherever the probe strategy does: each largest value
+   is one ``auto`` fits, and a lower bound of auto's own.
    If even the config does not fit, each largest value is none.
 
-Writes ``OUT/plan.json``: task, budget_bytes, config, candidates (static,
-dynamic and total bytes per device and fits), choice, probe_strategy, largest
-(each with its total_bytes and the probes compiled) and compile_seconds.
+Prints the report on stdout (the settings, the table, the verdict, each
+search's result as it ends) and, as it goes, one progress line per compile
+on stderr (``launch.plan: [N] what: total bytes, fits or not, seconds``),
+and one per search started. Writes ``OUT/plan.json``: task, budget_bytes,
+config, search (its mode and probes), candidates (static, dynamic and total
+bytes per device and fits), choice, probe_strategy, largest (each with its
+total_bytes and the probes compiled) and compile_seconds.
 
 The figures are XLA's buffer assignment for this backend. On XLA:CPU that is
 the compiler's plan for a CPU, not a measurement on an accelerator: a TPU or
@@ -65,12 +76,21 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from absl import flags
 
-from launch._cli import UsageError, one_line, parse_flags, start_backend
+from launch import _config
+from launch._cli import (
+  UsageError,
+  flag_value,
+  one_line,
+  parse_flags,
+  start_backend,
+  wants_help,
+)
 
 if TYPE_CHECKING:
   import jax
   import ml_collections
 
+  from metaflow import memory
   from metaflow.trainer import BilevelTrainer
 
 #: What `largest_fitting` can search, in the order they are reported.
@@ -79,6 +99,9 @@ SEARCHES = ("num_inner_steps", "seq_len", "preset")
 DEFAULT_BUDGET = "16GiB"
 #: seq_len is searched in steps of this many bytes.
 SEQ_LEN_STEP = 8
+#: ``--search``: the most compiles per search (unless ``--max_probes`` says)
+#: and whether a search compiles its limit first. quick is the default.
+SEARCH_MODES = {"quick": (2, True), "full": (8, False)}
 #: XLA flag: no LLVM optimisation (the buffer assignment is made before it).
 _FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
@@ -109,7 +132,7 @@ class Search:
 
 def largest_fitting(measure: Callable[[int], Optional[int]],
                     coords: Sequence[float], budget: int, base_total: int,
-                    max_probes: int = 8) -> Search:
+                    max_probes: int = 8, top_first: bool = False) -> Search:
   """The largest index ``k`` of ``coords`` with ``measure(k) <= budget``.
 
   ``measure(k)`` is the compiled total bytes at the k-th value (None: it
@@ -121,6 +144,9 @@ def largest_fitting(measure: Callable[[int], Optional[int]],
   one figure is known; inside the bracket with the Illinois rule, which keeps
   a curved figure from being approached from one side only), clamped into
   the open bracket. ``base_total`` is ``measure(0)``, already known.
+  ``top_first``: the first call is the last index (the search's limit), so
+  that a limit that fits ends the search at once and one that does not
+  brackets it (a search of few probes).
 
   Args:
     measure: index -> compiled total bytes per device, or None.
@@ -128,6 +154,7 @@ def largest_fitting(measure: Callable[[int], Optional[int]],
     budget: bytes per device.
     base_total: ``measure(0)``.
     max_probes: the most calls of ``measure``.
+    top_first: measure the last index first.
 
   Returns:
     A `Search`; ``best`` None when the base does not fit.
@@ -150,7 +177,9 @@ def largest_fitting(measure: Callable[[int], Optional[int]],
   while lo < last and (hi is None or hi - lo > 1):
     if probes >= max_probes:
       return Search(lo, totals, errors, capped=True)
-    if hi is None:  # extrapolate from the two largest figures that fit
+    if top_first and probes == 0:
+      k = last
+    elif hi is None:  # extrapolate from the two largest figures that fit
       below = [k for k in totals if k < lo and fits(k)]
       rise = totals[lo] - totals[max(below)] if below else 0
       if rise > 0:
@@ -213,7 +242,6 @@ def build_trainer(task_name: str, config: "ml_collections.ConfigDict",
   """The shapes-only `BilevelTrainer` that `launch.train.build` makes of
   ``config`` with ``strategy``, T = ``num_inner_steps`` and the task's fields
   replaced by ``task_overrides`` (e.g. ``seq_len=256``)."""
-  from launch import train
   from metaflow.estimators import Strategy
 
   config = config.copy_and_resolve_references()
@@ -223,22 +251,45 @@ def build_trainer(task_name: str, config: "ml_collections.ConfigDict",
     config.inner_steps = num_inner_steps
     for key, value in task_overrides.items():
       config.task[key] = value
-  return train.build(task_name, config, mesh=mesh, shapes_only=True)
+  return _config.build(task_name, config, mesh=mesh, shapes_only=True)
+
+
+def _progress(message: str) -> None:
+  """One progress line on stderr, at once (stdout carries the report)."""
+  print(f"launch.plan: {message}", file=sys.stderr, flush=True)
 
 
 class _Clock:
-  """Seconds spent in `compiled_memory`, and how many compiles."""
+  """Runs the compiles, reports each as it ends (`_progress`), and counts
+  them and their seconds."""
 
-  def __init__(self):
-    self.seconds, self.count = 0.0, 0
+  def __init__(self, budget: int):
+    self.budget, self.seconds, self.count = budget, 0.0, 0
 
-  def memory(self, trainer, strategy):
+  def memory(self, what: str,
+             compile_memory: Callable[[], "memory.MemoryReport"]
+             ) -> "memory.MemoryReport":
+    """``compile_memory()`` (a build and a compile), reported as ``what``.
+
+    Raises:
+      ValueError, TypeError: as ``compile_memory`` (reported first).
+    """
+    self.count += 1
     start = time.perf_counter()
     try:
-      return trainer.memory_with(strategy)
+      report = compile_memory()
+    except (ValueError, TypeError) as e:
+      seconds = time.perf_counter() - start
+      _progress(f"[{self.count}] {what}: cannot be built ({seconds:.1f} s): "
+                f"{one_line(e)}")
+      raise
     finally:
       self.seconds += time.perf_counter() - start
-      self.count += 1
+    seconds = time.perf_counter() - start
+    fits = "fits" if report.total_bytes <= self.budget else "does not fit"
+    _progress(f"[{self.count}] {what}: {_fmt(report.total_bytes)}, {fits}, "
+              f"{seconds:.1f} s")
+    return report
 
 
 # ------------------------------------------------------------------ report
@@ -260,6 +311,7 @@ def _largest_entry(search: Search, values: Sequence, strategy: str,
       "next_error": search.errors.get(above),
       "limit": values[-1], "at_limit": best == len(values) - 1,
       "capped": search.capped, "strategy": strategy, "step": unit,
+      "compiles": len(search.totals) - 1,
       "probes": [{"value": values[k], "total_bytes": t,
                   "fits": best is not None and k <= best,
                   **({"error": search.errors[k]} if k in search.errors else {})}
@@ -275,7 +327,8 @@ def _summary(name: str, entry: dict) -> str:
             f"{_fmt(base['total_bytes'])})")
   line = f"largest {name}: {entry['value']} ({_fmt(entry['total_bytes'])})"
   if entry["capped"]:
-    line += ", at least: the search stopped after --max_probes compiles"
+    line += (f", at least: the search stopped after {entry['compiles']} "
+             "compiles (--search full or more --max_probes search further)")
     if entry["next_value"] is not None:
       line += (f"; {entry['next_value']} needs "
                f"{_fmt(entry['next_total_bytes'])}")
@@ -293,16 +346,17 @@ def _summary(name: str, entry: dict) -> str:
 def _parse(argv: Sequence[str]):
   """The flags and the config of a command line (without the program name).
 
+  ``--help`` prints the usage, the flags and the registered tasks (with
+  ``--task``, its config's keys) and exits.
+
   Raises:
     UsageError: bad flags, task, config file, key or value.
   """
   from ml_collections import config_flags
 
-  from launch import train
-
   argv = ["launch.plan", *argv]
-  if not any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
-    argv = train.prepare_argv(argv)  # --task, the --config file, its keys
+  if not wants_help(argv):
+    argv = _config.prepare_argv(argv)  # --task, the --config file, its keys
   fv = flags.FlagValues()
   flags.DEFINE_string("task", None, "Registered task name.", flag_values=fv)
   flags.DEFINE_string("budget", None, "Memory per device, e.g. 16GiB, 80GB "
@@ -310,13 +364,19 @@ def _parse(argv: Sequence[str]):
                       f"{DEFAULT_BUDGET}).", flag_values=fv)
   flags.DEFINE_string("out", "plan_results", "Folder for plan.json.",
                       flag_values=fv)
+  flags.DEFINE_enum("search", "quick", list(SEARCH_MODES), "quick: each "
+                    "search compiles its limit first and at most "
+                    f"{SEARCH_MODES['quick'][0]} probes (a minute or two on "
+                    "2 CPU cores); full: from the config's value up, at most "
+                    f"{SEARCH_MODES['full'][0]} probes per search.",
+                    flag_values=fv)
   flags.DEFINE_integer("max_steps", 4096, "Largest T the T search tries.",
                        flag_values=fv)
   flags.DEFINE_list("searches", list(SEARCHES), "Which largest values to "
                     f"search (comma-separated; some of {', '.join(SEARCHES)}; "
                     "empty: only the table).", flag_values=fv)
-  flags.DEFINE_integer("max_probes", 8, "Most compiles per search.",
-                       flag_values=fv)
+  flags.DEFINE_integer("max_probes", None, "Most compiles per search "
+                       "(default: --search's).", flag_values=fv)
   flags.DEFINE_integer("host_devices", 0, "Make N CPU host devices (sets "
                        "XLA_FLAGS before JAX starts).", flag_values=fv)
   config_flags.DEFINE_config_file(
@@ -324,15 +384,16 @@ def _parse(argv: Sequence[str]):
       "launch/configs/<task>.py).", flag_values=fv, lock_config=True,
       sys_argv=argv)
   try:
-    rest = parse_flags(fv, argv, __doc__)
+    parse_flags(fv, argv, __doc__, passthrough=False, required=("task",),
+                help_extra=lambda: _config.task_help(flag_value(argv, "task")))
   except flags.Error as e:
     raise UsageError(one_line(e)) from None
-  if rest:
-    raise UsageError(f"unexpected arguments after --: {' '.join(rest)}")
   unknown = sorted(set(fv.searches) - set(SEARCHES))
   if unknown:
     raise UsageError(f"unknown --searches {', '.join(unknown)}; expected some "
                      f"of {', '.join(SEARCHES)}.")
+  if fv.max_probes is None:
+    fv.max_probes = SEARCH_MODES[fv.search][0]
   for name, low in (("max_steps", 1), ("max_probes", 0), ("host_devices", 0)):
     if fv[name].value < low:
       raise UsageError(f"--{name} must be >= {low}, got {fv[name].value}.")
@@ -362,7 +423,8 @@ def plan(argv: Sequence[str]) -> dict:
 
   from metaflow import sharding
 
-  task_name, clock = fv.task, _Clock()
+  task_name, clock = fv.task, _Clock(budget)
+  max_probes, top_first = fv.max_probes, SEARCH_MODES[fv.search][1]
   lm = "seq_len" in config.task and "preset" in config.task
   T = config.inner_steps
   with jax.enable_x64(bool(config.x64)):
@@ -395,8 +457,13 @@ def plan(argv: Sequence[str]) -> dict:
     options, refused = trainer.strategy_candidates()
     skipped = [{"strategy": name, "reason": one_line(reason)}
                for name, reason in refused.items()]
-    for s in options:
-      report = clock.memory(trainer, s)
+    if options:
+      _progress(f"compiling the {len(options)} candidates of --strategy auto "
+                f"at T={T}, fastest first")
+    for i, s in enumerate(options):
+      report = clock.memory(
+          f"candidate {i + 1}/{len(options)} {s.name}",
+          lambda s=s: trainer.memory_with(s))
       rows.append(planner.Candidate(s, report, report.total_bytes <= budget))
     if not rows:
       raise UsageError(f"task {task_name!r} supports none of the candidate "
@@ -414,52 +481,60 @@ def plan(argv: Sequence[str]) -> dict:
     else:
       print(f"verdict: nothing fits {_fmt(budget)} per device: the leanest, "
             f"{probe}, needs {_fmt(leanest.memory.total_bytes)}; "
-            f"{planner.fit_hint(T)}.")
+            f"{planner.fit_hint(T)}.", flush=True)
 
     # 2. The largest T, L and preset with the leanest strategy.
-    def measure(**change):
+    def measure(name, value):
+      change = {name: value}
       steps = change.pop("num_inner_steps", T)
-      t = build_trainer(task_name, config, mesh, probe, steps, **change)
-      return clock.memory(t, t.strategy).total_bytes
 
-    searches = {}
-    base_total = leanest.memory.total_bytes
+      def compile_memory():
+        t = build_trainer(task_name, config, mesh, probe, steps, **change)
+        return t.memory_with(t.strategy)
+
+      return clock.memory(f"{name}={value}", compile_memory).total_bytes
+
+    axes = {}  # name -> (values, coords, step)
     if "num_inner_steps" in fv.searches:
       values = range(T, max(T, fv.max_steps) + 1)
-      found = largest_fitting(lambda k: measure(num_inner_steps=values[k]),
-                              values, budget, base_total, fv.max_probes)
-      searches["num_inner_steps"] = _largest_entry(found, values, probe, "1")
+      axes["num_inner_steps"] = (values, values, "1")
     if lm and "seq_len" in fv.searches:
       from tasks.lm import model as lm_model
       top = lm_model.PRESETS[config.task.preset].max_length
       values = range(config.task.seq_len, max(config.task.seq_len, top) + 1,
                      SEQ_LEN_STEP)
-      found = largest_fitting(lambda k: measure(seq_len=values[k]), values,
-                              budget, base_total, fv.max_probes)
-      searches["seq_len"] = _largest_entry(found, values, probe,
-                                           str(SEQ_LEN_STEP))
+      axes["seq_len"] = (values, values, str(SEQ_LEN_STEP))
     if lm and "preset" in fv.searches:
       from tasks.lm import model as lm_model
       names = list(lm_model.PRESETS)
       values = [p for p in names[names.index(config.task.preset):]
                 if lm_model.PRESETS[p].max_length >= config.task.seq_len]
       sizes = [lm_model.num_params(lm_model.PRESETS[p]) for p in values]
-      found = largest_fitting(lambda k: measure(preset=values[k]), sizes,
-                              budget, base_total, fv.max_probes)
-      searches["preset"] = _largest_entry(found, values, probe,
-                                          "the next preset")
+      axes["preset"] = (values, sizes, "the next preset")
+    if axes:
+      print(f"largest values that fit with the probe strategy {probe} (the "
+            "leanest above), one setting changed at a time:", flush=True)
+    searches = {}
+    base_total = leanest.memory.total_bytes
+    for name, (values, coords, step) in axes.items():
+      _progress(f"search {name}: {values[0]} to {values[-1]} with {probe}, "
+                f"at most {max_probes} compiles (--search {fv.search}"
+                + (", the limit first)" if top_first else ")"))
+      found = largest_fitting(
+          lambda k, name=name, values=values: measure(name, values[k]),
+          coords, budget, base_total, max_probes, top_first)
+      searches[name] = _largest_entry(found, values, probe, step)
+      print("  " + _summary(name, searches[name]), flush=True)
     largest = {name: searches.get(name) for name in SEARCHES}
-  if searches:
-    print(f"largest values that fit with the probe strategy {probe} (the "
-          "leanest above), one setting changed at a time:")
-  for name, entry in searches.items():
-    print("  " + _summary(name, entry))
   seconds = time.perf_counter() - start
   print(f"{clock.count} shapes-only compiles in {clock.seconds:.1f} s "
         f"({seconds:.1f} s in all). XLA:{jax.devices()[0].platform}'s buffer "
         "assignment, not a measurement on an accelerator: keep a margin.")
   result = {
       "task": task_name, "budget_bytes": budget, "config": settings,
+      "search": {"mode": fv.search, "max_probes": max_probes,
+                 "top_first": top_first, "max_steps": fv.max_steps,
+                 "searches": list(axes)},
       "candidates": [r.as_dict() for r in rows],
       "skipped": skipped, "choice": choice, "probe_strategy": probe,
       "largest": largest, "compile_seconds": clock.seconds,

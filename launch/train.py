@@ -30,15 +30,14 @@ The run uses every device of every process, on the mesh
 
 ``jax.distributed.initialize()`` is called only with ``--distributed``, on
 explicit coordinates (``--coordinator_address --num_processes --process_id``,
-as `launch.local` passes them), or when a cluster environment is detected (see
-`cluster_detected`), so a laptop needs nothing. At the end the held-out outer
-loss after T inner steps is printed at the initial and at the final
-meta-parameters (by process 0).
+as `launch.cluster.local` passes them), or when a cluster environment is
+detected (see `cluster_detected`), so a laptop needs nothing. At the end the
+held-out outer loss after T inner steps is printed at the initial and at the
+final meta-parameters (by process 0).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from typing import Mapping, Optional, Sequence
@@ -47,24 +46,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Bad command-line input (one line, no traceback); the launchers' helper.
-from launch._cli import UsageError, flag_value
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-#: Config keys that may change when a run is resumed: they change how long it
-#: runs, how often it reports, and how (on which devices) the same
-#: meta-gradient is computed, not the trajectory of the meta-parameters.
-#: (``strategy`` only among the exact strategies: the trainer's fingerprint
-#: records the estimator, `metaflow.Strategy.fingerprint`, so a switch to or
-#: from implicit or first_order is refused.)
-#: (``num_workers`` is not one of them:
-#: Grain's iterator state has another form with worker processes.)
-RESUMABLE_KEYS = ("meta_steps", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints", "max_skipped_steps", "strategy",
-                  "memory_budget", "mesh")
-
-#: Outer optimisers by name (``config.outer_optimizer``).
-OUTER_OPTIMIZERS = ("adam", "sgd")
+from launch._cli import UsageError, flag_value, help_text, one_line, wants_help
+from launch._config import (  # noqa: F401  (launch.train's public names)
+  RESUMABLE_KEYS,
+  build,
+  check_config,
+  config_path,
+  load_config,
+  no_workdir_on_refusal,
+  prepare_argv,
+  strategy_of,
+  task_help,
+)
 
 flags.DEFINE_string("task", None, "Registered task name, e.g. sinusoid_maml, "
                     "or package.module:ClassName (a Task subclass defined "
@@ -86,12 +79,16 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); "
                   "default: only when a cluster environment is detected.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, "
                     "for a multi-process run on explicit coordinates (with "
-                    "--num_processes and --process_id; launch.local sets "
-                    "them).")
+                    "--num_processes and --process_id; launch.cluster.local "
+                    "sets them).")
 flags.DEFINE_integer("num_processes", None, "Processes of the run (with "
                      "--coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. "
                      "num_processes - 1 (with --coordinator_address).")
+#: This runner's own flags (for its --help; absl defines many more).
+_FLAG_NAMES = ("task", "task_module", "workdir", "strategy", "inner_steps",
+               "meta_steps", "config", "distributed", "coordinator_address",
+               "num_processes", "process_id")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file (default: "
     "launch/configs/<task>.py).", lock_config=True)
@@ -112,78 +109,6 @@ def cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
               or "," in environ.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def config_path(task: str) -> str:
-  """The default config of ``task``: ``launch/configs/<task>.py``, or for a
-  task without one ``task_fields.py:<task>`` (the shared defaults and the
-  task's own fields)."""
-  path = os.path.join(CONFIG_DIR, f"{task}.py")
-  if os.path.exists(path):
-    return path
-  return os.path.join(CONFIG_DIR, "task_fields.py") + f":{task}"
-
-
-def _load_config(path: str):
-  """``get_config()`` of a config file, or ``get_config(arg)`` for
-  ``file:arg`` (as ml_collections' ``--config`` reads it)."""
-  path, *arg = path.split(":", 1)
-  spec = importlib.util.spec_from_file_location("_metaflow_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*arg)
-
-
-def prepare_argv(argv: Sequence[str]) -> list[str]:
-  """Checks ``--task`` and the ``--config.*`` keys and adds the task's default
-  ``--config`` file, so that absl parses the rest.
-
-  Raises:
-    UsageError: missing or unknown task, missing config file, unknown key.
-  """
-  import tasks  # noqa: F401  (registers the built-in tasks)
-  from metaflow.task import import_module, import_task, registered_tasks
-
-  argv = list(argv)
-  task = flag_value(argv, "task")
-  try:
-    for module in (flag_value(argv, "task_module") or "").split(","):
-      if module.strip():
-        import_module(module.strip(), "--task_module")
-    if not task:
-      raise UsageError("--task is required; registered tasks: "
-                       f"{', '.join(registered_tasks())} (or "
-                       "package.module:ClassName).")
-    import_task(task)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  path = flag_value(argv, "config")
-  if path is None:
-    path = config_path(task)
-    argv.insert(1, f"--config={path}")
-  if not os.path.isfile(path.split(":", 1)[0]):
-    raise UsageError(f"config file {path!r} does not exist.")
-  config = _load_config(path)
-  for arg in argv[1:]:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    node = config
-    for i, part in enumerate(key.split(".")):
-      if not hasattr(node, "keys") or part not in node:
-        parent = ".".join(key.split(".")[:i]) or "config"
-        valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
-        raise UsageError(f"unknown config key {key!r} (valid keys of {parent}: "
-                         f"{valid}).")
-      node = node[part]
-  return argv
-
-
-def _outer_optimizer(name: str, learning_rate: float):
-  """The optax optimiser ``name`` (one of `OUTER_OPTIMIZERS`, checked by
-  `check_config`)."""
-  import optax
-  return getattr(optax, name)(learning_rate)
-
-
 def _resolved_config():
   config = _CONFIG.value.unlock()
   for name in ("strategy", "inner_steps", "meta_steps"):
@@ -191,93 +116,6 @@ def _resolved_config():
     if value is not None:
       config[name] = value
   return config.lock()
-
-
-#: Top-level settings checked by `check_config`: key -> (kind, low).
-#: ``int``: an int >= low; ``float``: a finite number > low (``>=`` for
-#: ``"float>="``); ``axis``: -1 (the rest) or an int >= 1.
-_SETTINGS = {
-    "inner_steps": ("int", 1), "meta_steps": ("int", 0),
-    "meta_batch_size": ("int", 1), "num_eval_tasks": ("int", 1),
-    "log_every": ("int", 1), "eval_every": ("int", 0),
-    "checkpoint_every": ("int", 0), "keep_checkpoints": ("int", 1),
-    "max_skipped_steps": ("int", 1), "num_workers": ("int", 0),
-    "seed": ("int", 0), "cg_steps": ("int", 1),
-    "outer_lr": ("float", 0.0), "cg_damping": ("float>=", 0.0),
-    "mesh.data": ("axis", None), "mesh.fsdp": ("axis", None),
-    "online.population": ("int", 0), "online.lifetime": ("int", 0),
-}
-
-
-def check_config(config) -> None:
-  """Checks the run's own settings (the task checks ``config.task``) before
-  anything is built, one line per problem.
-
-  Raises:
-    ValueError: a count or size out of range, a learning rate or damping
-      that is not a positive (non-negative) finite number, an unknown outer
-      optimiser or split.
-  """
-  from metaflow._checks import check_axis_size, check_int, check_number
-  from metaflow.data import SPLITS
-  for key, (kind, low) in _SETTINGS.items():
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    name = f"config.{key}"
-    if kind == "int":
-      check_int(name, value, low)
-    elif kind == "axis":
-      check_axis_size(name, value)
-    else:
-      check_number(name, value, low, strict=kind == "float")
-  if config.outer_optimizer not in OUTER_OPTIMIZERS:
-    raise ValueError(f"config.outer_optimizer must be one of "
-                     f"{', '.join(OUTER_OPTIMIZERS)}, got "
-                     f"{config.outer_optimizer!r}.")
-  if config.eval_split not in SPLITS:
-    raise ValueError(f"config.eval_split must be one of {', '.join(SPLITS)}, "
-                     f"got {config.eval_split!r}.")
-
-
-def strategy_of(config):
-  """``config.strategy`` with ``config.cg_steps`` and ``config.cg_damping``
-  (which apply to ``implicit`` only; non-default values with another
-  strategy are refused); ``"auto"`` as it is (the trainer resolves it)."""
-  from metaflow.estimators import Strategy
-  if config.strategy.strip().lower() == "auto":
-    return "auto"
-  if config.memory_budget:
-    raise ValueError("memory_budget applies to --strategy auto only (got "
-                     f"strategy {config.strategy!r}).")
-  return Strategy.parse(config.strategy, cg_steps=config.cg_steps,
-                        cg_damping=config.cg_damping)
-
-
-def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
-  """The task and `BilevelTrainer` of a config; ValueError etc. on bad input.
-
-  ``mesh``: instead of the config's (``launch.plan`` plans on a part of the
-  devices); ``shapes_only``: a trainer for compiled memory only."""
-  from metaflow import sharding
-  from metaflow.online import Online
-  from metaflow.task import create_task, import_task
-  from metaflow.trainer import BilevelTrainer
-
-  check_config(config)
-  if mesh is None:
-    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-  task = create_task(import_task(task_name), **config.task.to_dict())
-  online = Online(config.online.population, config.online.lifetime)
-  return BilevelTrainer(
-      task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
-      meta_batch_size=None if online.enabled else config.meta_batch_size,
-      online=online,
-      outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
-      seed=config.seed, eval_split=config.eval_split,
-      num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers,
-      mesh=mesh, memory_budget=config.memory_budget or None,
-      shapes_only=shapes_only)
 
 
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
@@ -324,9 +162,6 @@ def main(argv: Sequence[str]) -> None:
   logging.get_absl_handler().addFilter(_only_our_info_logs)
   import jax
 
-  from metaflow import checkpoint, sharding
-  from metaflow.trainer import NonFiniteError
-
   task_name = flags.FLAGS.task
   config = _resolved_config()
   if not flags.FLAGS.workdir:
@@ -338,6 +173,17 @@ def main(argv: Sequence[str]) -> None:
   initialize_distributed()
   # Before anything is built: parameters and meta-parameters in float64.
   jax.config.update("jax_enable_x64", bool(config.x64))
+  with no_workdir_on_refusal(flags.FLAGS.workdir):
+    _train(task_name, config)
+
+
+def _train(task_name: str, config) -> None:
+  """Builds the trainer and runs it; `UsageError` for a refused start."""
+  import jax
+
+  from metaflow import checkpoint, sharding
+  from metaflow.trainer import NonFiniteError
+
   try:
     checkpoint.check_workdir(flags.FLAGS.workdir)
     trainer = build(task_name, config)
@@ -381,6 +227,34 @@ def main(argv: Sequence[str]) -> None:
       print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with its errors (a wrong type, an unknown flag, a
+  config override that does not parse) as `UsageError`."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UsageError(one_line(e)) from None
+
+
+def print_help(argv: Sequence[str]) -> None:
+  """The usage, the flags, the registered tasks and, with ``--task``, every
+  ``--config`` key of its config with default and meaning.
+
+  Raises:
+    UsageError: an unknown ``--task`` or ``--task_module``.
+  """
+  from metaflow.task import import_module
+
+  try:
+    for module in (flag_value(argv, "task_module") or "").split(","):
+      if module.strip():
+        import_module(module.strip(), "--task_module")
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  print(help_text(flags.FLAGS, __doc__ or "", names=_FLAG_NAMES,
+                  extra=lambda: task_help(flag_value(argv, "task"))))
+
+
 class RunError(Exception):
   """The run cannot go on (no readable checkpoint, diverged): one line,
   exit status 1."""
@@ -391,10 +265,13 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
   run that cannot go on likewise (exit status 1)."""
   argv = list(sys.argv if argv is None else argv)
   try:
+    if wants_help(argv):
+      print_help(argv)
+      sys.exit(0)
     argv = prepare_argv(argv)
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     sys.exit(2)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)

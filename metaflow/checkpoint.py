@@ -161,7 +161,7 @@ class Checkpointer:
               ) -> Optional[PyTree]:
     """Restores the latest checkpoint that can be read into
     ``data_iterator`` and returns the state (shaped and sharded like the
-    template ``state``: arrays or ``jax.ShapeDtypeStruct``s with shardings),
+    template ``state``: arrays or ``jax.ShapeDtypeStruct`` leaves, sharded),
     or None if there is none.
 
     A checkpoint that cannot be restored (a truncated or missing array file,

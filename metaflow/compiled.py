@@ -1,7 +1,7 @@
 """Compiled memory of meta-training, from shapes only, and ``strategy="auto"``.
 
 Everything here lowers a program's jitted functions on abstract arguments
-(``jax.ShapeDtypeStruct``s carrying the layout's shardings) and reads XLA's
+(``jax.ShapeDtypeStruct`` leaves with the layout's shardings) and reads XLA's
 buffer assignment (`metaflow.memory`): exact, repeatable, and nothing runs,
 so sizes this machine could not hold can be planned. Figures are per
 device.

@@ -10,6 +10,7 @@ checkpointed by the trainer) is all that resuming needs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from typing import Callable, Optional, Sequence
 
 import grain
@@ -23,6 +24,26 @@ SPLITS = ("train", "validation", "test")
 
 #: Episodes per split dataset: "unbounded" for procedural tasks.
 NUM_EPISODES = 2**31 - 1
+
+
+#: Files shipped with the package (``metaflow/_data``), by name.
+BUNDLED = ("tinyshakespeare.txt",)
+
+
+def bundled_path(name: str) -> str:
+  """The path of a data file shipped with metaflow (package data, found through
+  `importlib.resources`, so it works from a clone and from an installed wheel).
+
+  ``"tinyshakespeare.txt"``: the works of Shakespeare, 1,115,394 bytes of
+  public-domain UTF-8 text, for the language-model examples and studies.
+
+  Raises:
+    ValueError: ``name`` is not one of `BUNDLED`.
+  """
+  if name not in BUNDLED:
+    raise ValueError(f"no bundled data file {name!r}; metaflow ships "
+                     f"{', '.join(BUNDLED)}.")
+  return str(importlib.resources.files("metaflow") / "_data" / name)
 
 
 def check_split(split: str) -> int:

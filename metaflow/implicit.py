@@ -42,7 +42,7 @@ not (too few ``cg_steps`` for H's condition number, or H not positive
 definite: a non-convex L far from a minimum; CG then still returns a
 finite direction, just not H^{-1} v). Because it is blind to the
 path, meta-training with it can also move eta to where the actual T-step
-loop diverges (``launch.study_estimators``: sinusoid_maml at T=5).
+loop diverges (``experiments.estimators``: sinusoid_maml at T=5).
 
 **Which batch.** H is taken on the last inner batch ``x_{T-1}``: the
 inner problem itself when every inner step sees the same batch (MAML's

@@ -46,8 +46,8 @@ class Layout:
     mesh: the ``(data, fsdp)`` mesh.
     split_examples: whether the examples of every batch are split over the
       devices (`Task.example_axes`) instead of whole episodes.
-    batch_shapes: ``jax.ShapeDtypeStruct``s of a meta-batch ``[B, ...]``.
-    batch_shardings: its ``NamedSharding``s.
+    batch_shapes: a meta-batch ``[B, ...]`` as ``jax.ShapeDtypeStruct`` leaves.
+    batch_shardings: its ``NamedSharding`` per leaf.
     split_size: the size of the split axis (B, or the examples per batch).
     share: the ranges ``(start, stop)`` of the split axis this process's
       devices hold (`metaflow.sharding.process_share`).
@@ -215,7 +215,7 @@ class Layout:
                                         else sharding.BATCH_AXES))
 
   def abstract(self, tree: PyTree, shardings: PyTree) -> PyTree:
-    """``jax.ShapeDtypeStruct``s of ``tree`` (arrays or shapes) carrying
+    """``tree`` (arrays or shapes) as ``jax.ShapeDtypeStruct`` leaves carrying
     ``shardings``: arguments to lower a jitted function with."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),

@@ -113,8 +113,8 @@ def analyze(fn: Callable[..., Any], *args: Any,
     fn: any function of arrays; a `metaflow.MetaGradient` (what
       `metaflow.meta_value_and_grad` returns) also gets the static/dynamic
       split computed from its carry shapes.
-    *args: example arguments (arrays or ``jax.ShapeDtypeStruct``s; nothing is
-      executed).
+    *args: example arguments (arrays or ``jax.ShapeDtypeStruct`` leaves;
+      nothing is executed).
     static_bytes: overrides the static memory (e.g. for a vmapped function,
       the meta-batch size times that of one task).
     population_bytes: an online population's state among the arguments.

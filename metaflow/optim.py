@@ -1,7 +1,7 @@
 """Inner optimisers that are safe to differentiate through.
 
-These are ordinary optax ``GradientTransformation``s; they differ from optax's
-own constructors in two ways that matter for meta-learning:
+These are ordinary optax ``GradientTransformation`` objects; they differ
+from optax's own constructors in two ways that matter for meta-learning:
 
 * the learning rate may be a pytree (per-parameter-tensor or per-parameter-
   element learning rates, e.g. ``exp(eta["log_lr"])``), not only a scalar or a

@@ -163,7 +163,7 @@ def param_specs(params: PyTree, mesh: Mesh,
   """The ``PartitionSpec`` of every parameter (leaves: arrays or shapes).
 
   Args:
-    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``s).
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
     mesh: the ``(data, fsdp)`` mesh.
     rules: ``(regex, PartitionSpec)`` pairs matched against each parameter's
       path (`path_name`); the first match wins; unmatched parameters get
@@ -202,7 +202,7 @@ def param_specs(params: PyTree, mesh: Mesh,
 
 
 def named(mesh: Mesh, specs: PyTree) -> PyTree:
-  """``NamedSharding``s of a pytree of ``PartitionSpec``s."""
+  """A ``NamedSharding`` for each ``PartitionSpec`` of a pytree."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -259,7 +259,7 @@ def global_batch(local: PyTree, shardings: PyTree, shapes: PyTree) -> PyTree:
     local: numpy leaves holding this process's ranges (`process_share`) of
       the split axis, concatenated in order (the whole batch on one process).
     shardings: the ``NamedSharding`` of each leaf.
-    shapes: the global shape of each leaf (``jax.ShapeDtypeStruct``s).
+    shapes: the global shape of each leaf (a ``jax.ShapeDtypeStruct``).
   """
   return jax.tree.map(
       lambda x, s, shape: jax.make_array_from_process_local_data(

@@ -356,10 +356,20 @@ def import_task(spec: str) -> str:
   return spec
 
 
+def task_class(name: str) -> type[Task]:
+  """The class of the task ``name`` (a registered name or
+  ``"package.module:ClassName"``, as `import_task` takes).
+
+  Raises:
+    ValueError: as `import_task`.
+  """
+  return _REGISTRY[import_task(name)]
+
+
 def task_defaults(name: str) -> dict[str, Any]:
   """The settings of registered task ``name`` that have a default (the
   fields of a dataclass task), at their defaults."""
-  cls = _REGISTRY[import_task(name)]
+  cls = task_class(name)
   if not dataclasses.is_dataclass(cls):
     return {}
   defaults = {}

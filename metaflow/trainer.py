@@ -123,7 +123,7 @@ class BilevelTrainer:
     # What needs shapes to check (first_order: does V read user entries?).
     program.strategy.check_meta_params(program.spec, functools.partial(
         step_lib.outer_reads, program, layout))
-    #: With strategy="auto": the `planner.Candidate`s compiled, in order.
+    #: With strategy="auto": each `planner.Candidate` compiled, in order.
     self.auto_table: Optional[list] = None
     if budget is not None:
       choice, self.auto_table = compiled.choose_strategy(program, layout,

@@ -1,10 +1,10 @@
 """Bad input to ``launch.train`` costs seconds, not a compile and a
-traceback: each malformed invocation of the table exits non-zero with one
-``error: ...`` line (absl's own ``FATAL Flags parsing error`` for a value of
-the wrong type) naming the setting. The invocations run in process, through
-`launch.train.run` (the entry point of ``python -m launch.train``); a
-resumed run with a changed setting is refused and leaves the checkpoints
-byte-identical."""
+traceback: each malformed invocation of the table exits with status 2 and
+one ``error: ...`` line naming the setting (a value of the wrong type and a
+config file that does not load included), and leaves no workdir behind. The
+invocations run in process, through `launch.train.run` (the entry point of
+``python -m launch.train``); a resumed run with a changed setting is refused
+and leaves the checkpoints byte-identical."""
 
 import hashlib
 import os
@@ -49,6 +49,10 @@ def _non_finite(d):
   return _npz(d, "nan.npz", images=images, labels=arrays["labels"])
 
 
+# A config file that does not start from launch/configs/default.py.
+BARE_CONFIG = (b"import ml_collections\n"
+               b"def get_config(): return ml_collections.ConfigDict()\n")
+
 # (id, arguments given the test folder d, the error line contains)
 CASES = [
     # The command line itself.
@@ -65,10 +69,31 @@ CASES = [
     ("unknown-task-key", lambda d: SINUSOID + ["--config.task.nope=1"],
      "error: unknown config key 'task.nope' (valid keys of task: "),
     ("wrong-type", lambda d: SINUSOID + ["--config.meta_steps=many"],
-     "FATAL Flags parsing error: flag --config.meta_steps=many: invalid "
-     "literal for int()"),
+     "error: flag --config.meta_steps=many: invalid literal for int()"),
+    ("wrong-type-shortcut", lambda d: SINUSOID + ["--meta_steps=abc"],
+     "error: flag --meta_steps=abc: invalid literal for int()"),
     ("unknown-flag", lambda d: SINUSOID + ["--no_such_flag=3"],
-     "FATAL Flags parsing error: Unknown command line flag 'no_such_flag'"),
+     "error: Unknown command line flag 'no_such_flag'"),
+    # The config file.
+    ("config-missing", lambda d: SINUSOID + [f"--config={d / 'none.py'}"],
+     "none.py' does not exist."),
+    ("config-syntax-error", lambda d: SINUSOID + [
+        f"--config={_file(d, 'syntax.py', b'def get_config(:')}"],
+     "syntax.py' line 1: syntax error: "),
+    ("config-without-get-config", lambda d: SINUSOID + [
+        f"--config={_file(d, 'nothing.py', b'x = 1')}"],
+     "nothing.py' defines no get_config()"),
+    ("config-get-config-raises", lambda d: SINUSOID + [
+        f"--config={_file(d, 'raises.py', b'def get_config(): 1 / 0')}"],
+     "get_config() failed: ZeroDivisionError: division by zero"),
+    ("config-is-a-folder", lambda d: SINUSOID + [f"--config={d}"],
+     "' is not a file."),
+    ("config-lacks-the-defaults", lambda d: SINUSOID + [
+        f"--config={_file(d, 'bare.py', BARE_CONFIG)}"],
+     "error: the config lacks cg_damping, cg_steps, "),
+    ("config-not-a-config-dict", lambda d: SINUSOID + [
+        f"--config={_file(d, 'three.py', b'def get_config(): return 3')}"],
+     "get_config() must return an ml_collections.ConfigDict, got int."),
     ("positional", lambda d: SINUSOID + ["extra"],
      "error: unexpected arguments: extra"),
     ("unknown-task-module", lambda d: SINUSOID + ["--task_module=no_mod_xyz"],
@@ -249,6 +274,7 @@ def run_in_process(args):
 def test_bad_input_is_one_clear_line(make_args, message, tmp_path, capfd):
   (tmp_path / "file").write_text("not a directory")
   args = make_args(tmp_path)
+  made = os.listdir(tmp_path)
   if not any(a.startswith("--workdir") for a in args) and message != (
       "error: --workdir is required."):
     args = args + [f"--workdir={tmp_path / 'run'}"]
@@ -256,12 +282,14 @@ def test_bad_input_is_one_clear_line(make_args, message, tmp_path, capfd):
   code = run_in_process(args)
   seconds = time.perf_counter() - start
   err = capfd.readouterr().err
-  assert code not in (0, None), err[-3000:]
+  assert code == 2, err[-3000:]
   assert "Traceback" not in err, err[-3000:]
   errors = [line for line in err.splitlines()
             if line.startswith(("error: ", "FATAL "))]
   assert len(errors) == 1, err[-3000:]
-  assert message in errors[0], errors[0]
+  assert errors[0].startswith("error: ") and message in errors[0], errors[0]
+  # A refused start leaves no workdir behind (only what the test made).
+  assert sorted(os.listdir(tmp_path)) == sorted(made), os.listdir(tmp_path)
   print(f"{seconds:.2f} s")  # shown with -s; nothing compiled
 
 

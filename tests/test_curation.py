@@ -50,6 +50,8 @@ def texts(tmp_path_factory):
   return [str(folder / "clean.txt"), str(folder / "noise.bin")]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
 def test_every_sequence_is_scored_in_file_order_and_the_best_kept(
     run, texts, tmp_path, capsys):
   out, kept = tmp_path / "scores.jsonl", tmp_path / "kept"
@@ -79,6 +81,8 @@ def test_every_sequence_is_scored_in_file_order_and_the_best_kept(
   assert "kept" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
 def test_evaluation_curves_start_from_one_model(run, tmp_path):
   out = tmp_path / "eval"
   assert evaluate.main(["--workdir", str(run), "--inner_steps", "8",
@@ -106,10 +110,12 @@ def test_learning_rate_grid():
     evaluate.lr_grid(trainer, metaflow.Eta(loss_weights={}), 7)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
 @pytest.mark.parametrize("argv, message", [
     (["--keep", "0.5"], "--keep and --kept_out go together"),
     (["--keep", "0", "--kept_out", "K"], "--keep must be in (0, 1]"),
-    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--batch_size", "0"], "--batch_size=0: 0 is not a positive integer"),
     (["--data_path", "/no/file.txt"], "does not exist"),
 ])
 def test_bad_curate_arguments(run, texts, argv, message, tmp_path, capsys):
@@ -118,8 +124,11 @@ def test_bad_curate_arguments(run, texts, argv, message, tmp_path, capsys):
   code = curate.main(args + argv)
   err = capsys.readouterr().err
   assert code == 2 and message in err, err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
 def test_bad_evaluate_arguments(run, tmp_path, capsys):
   assert evaluate.main(["--workdir", str(tmp_path), "--inner_steps",
                         "4"]) == 2

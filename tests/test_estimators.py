@@ -1,7 +1,12 @@
 """The approximate strategies: first_order against a stop-gradient reference,
 implicit against a dense linear solve and against the exact unrolled
 meta-gradient once the inner problem is solved; implicit's memory does not
-grow with T; the refusals."""
+grow with T; the refusals.
+
+The quick tier (``-m "not slow"``) keeps first_order against its reference,
+implicit against the dense solve on ridge regression, its memory and the
+refusals; implicit on sinusoid with a proximal term (150 inner steps) and
+implicit's meta-training are slow."""
 
 import itertools
 
@@ -160,6 +165,7 @@ def test_implicit_cg_damping_and_steps(x64):
   assert np.linalg.norm(_flat(grads) - lam * u) > 1e-3
 
 
+@pytest.mark.slow
 def test_implicit_sinusoid_with_proximal(x64):
   """sinusoid_maml with a strong proximal term: the inner loop converges,
   and implicit matches the dense solve and the exact unrolled gradient."""
@@ -213,6 +219,7 @@ def test_implicit_memory_does_not_grow_with_T():
   assert implicit[1000] < mixflow_100, (implicit, mixflow_100)
 
 
+@pytest.mark.slow
 def test_implicit_meta_training_where_its_assumption_holds():
   """iMAML on sinusoid regression where the inner problem is nearly solved
   (proximal 20, T=20 SGD steps of 0.008: ||grad L(theta_T)|| ~ 0.1, implicit's

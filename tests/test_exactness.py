@@ -6,6 +6,11 @@ T in {1, 2, 4} x {float32, float64}) compiles all strategies of one case and the
 reference in ONE jitted function (with XLA's backend optimisation off, which
 changes rounding, not maths) to keep the suite fast; `test_separately_compiled`
 checks that compiling each strategy alone, with default options, agrees too.
+
+The quick tier (``-m "not slow"``) runs 9 of the matrix's 27 cases, a Latin
+square: every kind with every optimiser once, and every T with every kind and
+with every optimiser (each case: every exact strategy, float64 and float32);
+the other 18 are slow.
 """
 
 import itertools
@@ -64,8 +69,19 @@ def _errors(kind, opt_name, num_steps, dtype):
   return errors
 
 
-@pytest.mark.parametrize("kind,opt_name,num_steps", list(
-    itertools.product(P.KINDS, P.OPTIMIZERS, (1, 2, 4))))
+def _matrix():
+  """The 27 cases, those off the Latin square (T's index = kind's index +
+  optimiser's index, mod 3) marked slow."""
+  cases = []
+  for (k, kind), (o, opt_name), (t, num_steps) in itertools.product(
+      enumerate(P.KINDS), enumerate(P.OPTIMIZERS), enumerate((1, 2, 4))):
+    on_square = t == (k + o) % 3
+    cases.append(pytest.param(kind, opt_name, num_steps, marks=(
+        () if on_square else pytest.mark.slow)))
+  return cases
+
+
+@pytest.mark.parametrize("kind,opt_name,num_steps", _matrix())
 def test_all_strategies_match_reference(kind, opt_name, num_steps):
   with jax.enable_x64(True):
     errors64 = _errors(kind, opt_name, num_steps, "float64")

@@ -1,7 +1,10 @@
 """`fewshot_classification`: episode sampling (shapes, labels, disjoint support
 and query, only the split's classes), determinism, data checks with one-line
 errors, the model on other image sizes, and meta-training that beats the
-random initialisation on unseen classes."""
+random initialisation on unseen classes.
+
+The two 200-meta-step runs are slow; the quick tier (-m "not slow") keeps
+the rest, every exact strategy against standard included."""
 
 from __future__ import annotations
 
@@ -408,6 +411,7 @@ def _meta_train(task, strategy="mixflow", num_inner_steps=5):
           result)
 
 
+@pytest.mark.slow
 def test_meta_training_beats_random_init_on_unseen_classes():
   pytest.importorskip("sklearn")
   # 5-way 1-shot digits, defaults.
@@ -438,10 +442,11 @@ def test_every_exact_strategy_matches_standard(x64):
 ESTIMATOR_SETTINGS = {"proximal": 2.0, "inner_lr": 0.05}
 
 
+@pytest.mark.slow
 def test_first_order_beats_its_random_init():
   """5-way 1-shot digits, the same 200 meta-steps as the mixflow test above.
   Measured (100 test episodes), from 0.403 at the random init: first_order
-  0.528; mixflow at these settings 0.506 (launch.study_estimators).
+  0.528; mixflow at these settings 0.506 (experiments.estimators).
   (implicit is not asserted here: at these settings its gain is within the
   noise of the machine's float32 rounding, 0.403 -> 0.444 on one machine and
   0.381 on another, with seeds 1 and 2 also below their start; its

@@ -42,9 +42,11 @@ def test_built_in_tasks_are_registered():
 # (test_every_exact_strategy_matches_standard, in process).
 COMMAND_LINE_RUNS = [
     ("sinusoid_maml", "implicit", ["--config.task.proximal=1.0"]),
-    ("fewshot_classification", "mixflow+remat+saved_inner_grads", [])]
+    pytest.param("fewshot_classification", "mixflow+remat+saved_inner_grads",
+                 [], marks=pytest.mark.slow)]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("task,strategy,extra", COMMAND_LINE_RUNS)
 def test_each_task_from_the_command_line(task, strategy, extra, tmp_path):
   done = run_train("--task", task, f"--workdir={tmp_path}",
@@ -64,7 +66,7 @@ def test_every_strategy_reaches_the_trainer(task):
   builds from the task's config runs that strategy (shapes only: nothing is
   compiled here)."""
   train.prepare_argv(["train", "--task", task])  # registers the tasks
-  config = train._load_config(train.config_path(task))
+  config = train.load_config(train.config_path(task))
   names = [*metaflow.exact_strategy_names(), "implicit", "first_order"]
   config.task.proximal = 1.0  # implicit with a learned initialisation
   for name in names:
@@ -80,6 +82,8 @@ LM_SMALL = ["--config.task.preset=nano", "--config.task.seq_len=32",
             "--config.log_every=1", "--meta_steps=2", "--inner_steps=2"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("task", LM_TASKS)
 def test_language_model_tasks(task, tmp_path):
   """Each LM task meta-trains from the command line on a text file given by
@@ -106,6 +110,8 @@ def test_cluster_detection():
   assert not train.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_grain_worker_processes_from_command_line(tmp_path):
   """Grain workers (which need absl flags parsed) under launch.train: resumed
   with workers, the run matches one without workers (same episodes); resuming
@@ -148,6 +154,8 @@ def test_estimator_in_the_fingerprint():
   assert train.strategy_of(config) == "auto"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_auto_strategy_from_the_command_line(tmp_path):
   """--strategy auto: the candidate table is logged, the chosen strategy
   runs and is named; too small a budget is one line."""
@@ -166,3 +174,48 @@ def test_auto_strategy_from_the_command_line(tmp_path):
   assert len(errors) == 1 and errors[0].startswith(
       "error: no exact strategy fits the memory budget of 1.00 KiB"), (
           refused.stderr[-3000:])
+
+
+# ------------------------------------------------------------------- help
+@pytest.mark.subprocess
+def test_help_without_a_task_lists_the_tasks():
+  out = run_train("--help", timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "python -m launch.train --task" in out.stdout  # the usage
+  assert "--workdir" in out.stdout and "--config" in out.stdout
+  train.prepare_argv(["train", "--task", "sinusoid_maml"])  # registers
+  listed = [line.split()[0] for line in out.stdout.splitlines()
+            if line.startswith("  ") and line.split()
+            and line.split()[0] in metaflow.registered_tasks()]
+  assert sorted(listed) == sorted(metaflow.registered_tasks())
+
+
+def test_task_help_lists_every_config_key_with_its_default(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    train.run(["launch.train", "--task", "lm_data_rater", "--helpfull"])
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
+  assert "  --config.task.temperature=1.0\n" in out
+  assert "  --config.online.population=4\n" in out
+  # The explanation under a key: its config file's comment or field doc.
+  lines = out.splitlines()
+  below = lines[lines.index("  --config.online.population=4") + 1]
+  assert "learners" in below, below
+  config = train.load_config(train.config_path("lm_data_rater"))
+
+  def leaves(node, prefix=""):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+  for key in leaves(config):
+    assert f"  --config.{key}=" in out, key
+
+
+@pytest.mark.subprocess
+def test_help_for_an_unknown_task_is_one_line():
+  out = run_train("--task", "nope", "--help", timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().startswith("error: unknown task 'nope'")
+  assert len(out.stderr.strip().splitlines()) == 1

@@ -1,7 +1,7 @@
-"""The launchers: launch.local with a stand-in module (processes, output,
-failures, signals, no orphans), and the commands of launch.tpu_pod and
-launch.slurm (dry runs, and real runs against fake gcloud/sbatch programs).
-No JAX runs here."""
+"""The launchers: launch.cluster.local with a stand-in module (processes,
+output, failures, signals, no orphans), and the commands of
+launch.cluster.tpu_pod and launch.cluster.slurm (dry runs, and real runs
+against fake gcloud/sbatch programs). No JAX runs here."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from launch import local, slurm, tpu_pod
+from launch.cluster import local, slurm, tpu_pod
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = shlex.quote(sys.executable)
@@ -58,7 +58,8 @@ STANDIN = textwrap.dedent("""\
 
 @pytest.fixture
 def standin(tmp_path):
-  """(tmp_path with the stand-in module, environment for launch.local)."""
+  """(tmp_path with the stand-in module, environment for
+  launch.cluster.local)."""
   (tmp_path / "standin_mod.py").write_text(STANDIN)
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
@@ -70,7 +71,8 @@ def standin(tmp_path):
 
 
 def _local(tmp_path, mode, *launcher_args, n=2):
-  return [sys.executable, "-m", "launch.local", "--num_processes", str(n),
+  return [sys.executable, "-m", "launch.cluster.local", "--num_processes",
+          str(n),
           "--module", "standin_mod", *launcher_args, "--", f"--mode={mode}",
           f"--piddir={tmp_path}"]
 
@@ -115,9 +117,10 @@ def _assert_gone(pids, timeout=5.0, allow_zombie=False):
       time.sleep(0.02)
 
 
-# launch.local: real processes.
+# launch.cluster.local: real processes.
 
 
+@pytest.mark.subprocess
 def test_local_runs_all_processes(standin):
   tmp_path, env = standin
   result = subprocess.run(
@@ -138,6 +141,7 @@ def test_local_runs_all_processes(standin):
   _assert_gone(_pids(tmp_path))
 
 
+@pytest.mark.subprocess
 def test_local_without_devices_passes_the_environment_unchanged(standin):
   tmp_path, env = standin
   result = subprocess.run(_local(tmp_path, "ok", n=1), cwd=REPO_ROOT, env=env,
@@ -149,6 +153,7 @@ def test_local_without_devices_passes_the_environment_unchanged(standin):
   assert "--coordinator_address=localhost:" in result.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["fail", "ignore_term"])
 def test_local_failure_stops_the_others(standin, mode):
   tmp_path, env = standin
@@ -158,11 +163,12 @@ def test_local_failure_stops_the_others(standin, mode):
   assert time.monotonic() - start < 30
   pids = _pids(tmp_path)
   assert result.returncode == 3, result.stdout + result.stderr
-  assert (f"launch.local: process 1 (pid {pids[1]}) exited with status 3; "
-          "stopping the others." in result.stderr.splitlines())
+  assert (f"launch.cluster.local: process 1 (pid {pids[1]}) exited with "
+          "status 3; stopping the others." in result.stderr.splitlines())
   _assert_gone(pids)
 
 
+@pytest.mark.subprocess
 def test_local_child_killed_by_signal(standin):
   tmp_path, env = standin
   proc = subprocess.Popen(_local(tmp_path, "sleep"), cwd=REPO_ROOT, env=env,
@@ -172,11 +178,12 @@ def test_local_child_killed_by_signal(standin):
   os.kill(pids[1], signal.SIGKILL)
   _, stderr = proc.communicate(timeout=30)
   assert proc.returncode == 128 + signal.SIGKILL
-  assert (f"launch.local: process 1 (pid {pids[1]}) was killed by signal "
-          "SIGKILL; stopping the others." in stderr.splitlines()), stderr
+  assert (f"launch.cluster.local: process 1 (pid {pids[1]}) was killed by "
+          "signal SIGKILL; stopping the others." in stderr.splitlines()), stderr
   _assert_gone(pids)
 
 
+@pytest.mark.subprocess
 def test_local_sigterm_ends_the_children(standin):
   tmp_path, env = standin
   proc = subprocess.Popen(_local(tmp_path, "sleep"), cwd=REPO_ROOT, env=env,
@@ -186,10 +193,12 @@ def test_local_sigterm_ends_the_children(standin):
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=30)
   assert proc.returncode == 128 + signal.SIGTERM
-  assert "launch.local: received SIGTERM; stopping the processes." in stderr
+  assert ("launch.cluster.local: received SIGTERM; stopping the processes."
+          in stderr)
   _assert_gone(pids)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="PR_SET_PDEATHSIG is Linux only")
 def test_local_sigkill_of_the_launcher_leaves_no_orphan(standin):
@@ -206,7 +215,8 @@ def test_local_dry_run(monkeypatch, capsys):
   monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 "
                      "--xla_force_host_platform_device_count=4")
   with pytest.raises(SystemExit) as exit_info:
-    local.run(["launch.local", "--num_processes", "2", "--devices_per_process",
+    local.run(["launch.cluster.local", "--num_processes", "2",
+               "--devices_per_process",
                "3", "--port", "12345", "--dry_run", "--", "--task",
                "sinusoid_maml", "--workdir", "runs/a b"])
   assert exit_info.value.code == 0
@@ -217,7 +227,8 @@ def test_local_dry_run(monkeypatch, capsys):
       f"--coordinator_address=localhost:12345 --num_processes=2 "
       f"--process_id={p}" for p in range(2)]
   with pytest.raises(SystemExit):
-    local.run(["launch.local", "--num_processes", "1", "--dry_run", "--",
+    local.run(["launch.cluster.local", "--num_processes", "1", "--dry_run",
+               "--",
                "--task", "t"])
   line, = capsys.readouterr().out.splitlines()
   assert line.startswith(f"{PYTHON} -m launch.train --task t "
@@ -243,18 +254,18 @@ def test_local_dry_run(monkeypatch, capsys):
 ])
 def test_local_bad_input(capsys, args, message):
   with pytest.raises(SystemExit) as exit_info:
-    local.run(["launch.local", *args])
+    local.run(["launch.cluster.local", *args])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1, err
   assert message in err
 
 
-# launch.tpu_pod.
+# launch.cluster.tpu_pod.
 
 
 def _tpu(*args):
-  return ["launch.tpu_pod", "--tpu", "pod-1", "--zone", "us-central2-b",
+  return ["launch.cluster.tpu_pod", "--tpu", "pod-1", "--zone", "us-central2-b",
           *args]
 
 
@@ -346,8 +357,10 @@ def test_tpu_pod_runs_the_commands(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["launch.tpu_pod", "--zone", "z", "--", *TRAIN], "--tpu is required."),
-    (["launch.tpu_pod", "--tpu", "t", "--", *TRAIN], "--zone is required."),
+    (["launch.cluster.tpu_pod", "--zone", "z", "--", *TRAIN],
+     "--tpu is required."),
+    (["launch.cluster.tpu_pod", "--tpu", "t", "--", *TRAIN],
+     "--zone is required."),
     (_tpu("--", "--task", "t"), "must include --workdir."),
     (_tpu("--", "--workdir", "/w"), "must include --task."),
     (_tpu(), "must include --task."),
@@ -367,7 +380,7 @@ def test_tpu_pod_bad_input(capsys, args, message):
   assert message in err
 
 
-# launch.slurm.
+# launch.cluster.slurm.
 
 
 def _expected_script(train, partition=True):
@@ -383,7 +396,7 @@ def _expected_script(train, partition=True):
       "#SBATCH --time=24:00:00",
       "#SBATCH --output=slurm-%j.out",
       "",
-      "# Written by python -m launch.slurm. One task per GPU; JAX's",
+      "# Written by python -m launch.cluster.slurm. One task per GPU; JAX's",
       "# jax.distributed.initialize() takes the coordinator (first node),",
       "# the process count and id from srun's SLURM_* variables and uses",
       "# the GPU numbered SLURM_LOCALID (every task sees the node's GPUs).",
@@ -397,7 +410,7 @@ def _expected_script(train, partition=True):
 def test_slurm_dry_run(capsys, tmp_path):
   script = tmp_path / "job.sbatch"
   with pytest.raises(SystemExit) as exit_info:
-    slurm.run(["launch.slurm", "--nodes", "2", "--gpus_per_node", "4",
+    slurm.run(["launch.cluster.slurm", "--nodes", "2", "--gpus_per_node", "4",
                "--partition", "gpu", "--account", "proj", "--script",
                str(script), "--dry_run", "--", *TRAIN])
   assert exit_info.value.code == 0
@@ -410,7 +423,7 @@ def test_slurm_dry_run(capsys, tmp_path):
 
 @pytest.mark.skipif(
     not os.path.isfile(os.path.join(REPO_ROOT, ".venv", "bin", "python")),
-    reason="launch.slurm checks that .venv/bin/python exists")
+    reason="launch.cluster.slurm checks that .venv/bin/python exists")
 def test_slurm_submits(tmp_path, monkeypatch, capsys):
   log = tmp_path / "sbatch.log"
   _fake_program(tmp_path / "bin", "sbatch",
@@ -420,15 +433,18 @@ def test_slurm_submits(tmp_path, monkeypatch, capsys):
                      f"{os.environ['PATH']}")
   monkeypatch.chdir(tmp_path)
   with pytest.raises(SystemExit) as exit_info:
-    slurm.run(["launch.slurm", "--nodes", "2", "--gpus_per_node", "4", "--",
+    slurm.run(["launch.cluster.slurm", "--nodes", "2", "--gpus_per_node", "4",
+               "--",
                "--task", "t", "--workdir", "runs/t"])
   assert exit_info.value.code == 0
   assert log.read_text() == "metaflow.sbatch\n"
   assert ((tmp_path / "submitted").read_text()
           == (tmp_path / "metaflow.sbatch").read_text()
           == _expected_script("--task t --workdir runs/t", partition=False))
-  assert capsys.readouterr().err == ("launch.slurm: wrote metaflow.sbatch\n"
-                                     "launch.slurm: sbatch metaflow.sbatch\n")
+  assert capsys.readouterr().err == ("launch.cluster.slurm: wrote "
+                                     "metaflow.sbatch\n"
+                                     "launch.cluster.slurm: sbatch "
+                                     "metaflow.sbatch\n")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -447,7 +463,7 @@ def test_slurm_submits(tmp_path, monkeypatch, capsys):
 ])
 def test_slurm_bad_input(capsys, args, message):
   with pytest.raises(SystemExit) as exit_info:
-    slurm.run(["launch.slurm", *args, "--dry_run", "--", "--task", "t",
+    slurm.run(["launch.cluster.slurm", *args, "--dry_run", "--", "--task", "t",
                "--workdir", "w"])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
@@ -464,7 +480,8 @@ def test_slurm_needs_sbatch_and_train_arguments(tmp_path, monkeypatch, capsys):
       (["--task", "t", "--workdir", "w", "--num_processes=2"],
        "error: --num_processes must not be given after --")]:
     with pytest.raises(SystemExit) as exit_info:
-      slurm.run(["launch.slurm", "--nodes", "1", "--gpus_per_node", "1", "--",
+      slurm.run(["launch.cluster.slurm", "--nodes", "1", "--gpus_per_node",
+                 "1", "--",
                  *train])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(message)

@@ -1,7 +1,13 @@
 """The language-model tasks: every strategy's meta-gradient equals standard's
 (float64, tiny preset), meta-training lowers the held-out outer loss, MixFlow-MG
 needs several times less compiled memory than standard on lm_loss_weighting,
-and bad input is one clear message."""
+and bad input is one clear message.
+
+The quick tier (``-m "not slow"``) checks every strategy against standard on
+lm_loss_weighting (eta inside L, the most involved of the three) and the
+tasks' meta-parameters; the other two tasks' strategy checks, float32,
+meta-training, the memory ratio and resuming are slow (resuming and memory
+in general: test_resume, test_memory)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +22,6 @@ from metaflow.trainer import BilevelTrainer
 from tasks.lm import tasks as lm_tasks
 from tests import problems as P
 from tests.test_resume import assert_trees_identical, next_batch_after
-
-LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
 
 
 def _trainer(name, strategy="mixflow", num_steps=2, meta_batch_size=1,
@@ -35,7 +39,10 @@ def _strategy_errors(name, **settings):
   return P.trainer_strategy_errors(lambda s: _trainer(name, s, **settings))
 
 
-@pytest.mark.parametrize("name", LM_TASKS)
+@pytest.mark.parametrize("name", [
+    pytest.param("lm_learned_lr", marks=pytest.mark.slow),
+    pytest.param("lm_maml", marks=pytest.mark.slow),
+    "lm_loss_weighting"])
 def test_every_strategy_matches_standard_float64(name, x64):
   errors = _strategy_errors(name)
   for strategy, (value_error, grad_error) in errors.items():
@@ -43,6 +50,7 @@ def test_every_strategy_matches_standard_float64(name, x64):
     assert grad_error < 1e-9, (strategy, grad_error)
 
 
+@pytest.mark.slow
 def test_every_strategy_matches_standard_float32():
   """float32 (measured: at most 3.1e-7 relative on each of the three tasks;
   one task here, the others cost compile time and add nothing new)."""
@@ -99,6 +107,7 @@ def test_initial_loss_weights_are_one():
   np.testing.assert_allclose(weights, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, outer_lr, steps", [
     ("lm_learned_lr", 3e-2, 40), ("lm_maml", 1e-3, 40),
     ("lm_loss_weighting", 3e-3, 40)])
@@ -113,6 +122,7 @@ def test_meta_training_lowers_held_out_outer_loss(name, outer_lr, steps):
   assert after < before, (before, after)
 
 
+@pytest.mark.slow
 def test_mixflow_memory_on_loss_weighting():
   """The acceptance setting: tiny preset, T=4, sequences of 512, B=4."""
   reports = {s: _trainer("lm_loss_weighting", s, num_steps=4, seq_len=512,
@@ -122,6 +132,7 @@ def test_mixflow_memory_on_loss_weighting():
   assert ratio >= 3, (ratio, reports)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
   """Stop after 2 meta-steps and resume: the same state (eta, outer Adam,
   RNG of the resampled theta0) and text position as 4 steps straight."""

@@ -15,8 +15,7 @@ from metaflow import data
 from tasks.lm import text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, os.pardir, "shared", "data",
-                           "tinyshakespeare.txt")
+SHAKESPEARE = data.bundled_path("tinyshakespeare.txt")
 
 L = 7  # seq_len of the small corpora; a sequence is 8 bytes.
 W = L + 1
@@ -247,8 +246,6 @@ def test_embedded_corpus():
 
 
 def test_tinyshakespeare():
-  if not os.path.isfile(SHAKESPEARE):
-    pytest.skip(f"tinyshakespeare.txt not found at {SHAKESPEARE}")
   corpus = text.TextCorpus([SHAKESPEARE], seq_len=128)
   assert corpus.num_sequences() == 1115394 // 129
   with open(SHAKESPEARE, "rb") as f:

@@ -279,6 +279,7 @@ def test_shim_install_is_idempotent():
     shim.no_such_name  # noqa: B018  # pylint: disable=pointless-statement
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(_HAS_TF, reason="clu's own TF writer is used with TF.")
 def test_shim_after_failed_clu_import_in_fresh_process(tmp_path):
   script = textwrap.dedent(f"""

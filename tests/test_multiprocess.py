@@ -1,5 +1,5 @@
-"""Several processes on this machine (`launch.local`: jax.distributed over
-localhost, gloo collectives on CPU): 2 processes x 2 devices meta-train
+"""Several processes on this machine (`launch.cluster.local`: jax.distributed
+over localhost, gloo collectives on CPU): 2 processes x 2 devices meta-train
 exactly like 1 process on 1 device with the same global meta-batch; their
 checkpoint resumes in 1 process; a killed process ends the run at once; a
 preemption notice to one process stops both at one step."""
@@ -19,14 +19,21 @@ import pytest
 from tests import problems as P
 
 # One worker runs these one after another (each starts 2 JAX processes).
-pytestmark = pytest.mark.xdist_group("multiprocess")
+# The quick tier (-m "not slow") keeps 2 processes equal to 1 and their
+# checkpoint resumed in 1 process (one 2-process run for both); the
+# 2-process language model, the 2-process fallback past an unreadable
+# checkpoint, a killed process and SIGTERM to one process are slow (one
+# process's fallback and SIGTERM: test_survival; launch.cluster.local
+# ending the others when a child fails or is killed: test_launchers).
+pytestmark = [pytest.mark.xdist_group("multiprocess"), pytest.mark.mesh,
+              pytest.mark.subprocess]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--task", "sinusoid_maml", "--config.x64=True",
          "--config.meta_batch_size=8", "--config.num_eval_tasks=8",
          "--config.task.widths=(16,)", "--config.log_every=10",
          "--config.checkpoint_every=10", "--meta_steps=20"]
-LOCAL = [sys.executable, "-m", "launch.local", "--num_processes", "2",
+LOCAL = [sys.executable, "-m", "launch.cluster.local", "--num_processes", "2",
          "--devices_per_process", "2", "--"]
 
 
@@ -41,8 +48,8 @@ def run(argv, timeout=300) -> subprocess.CompletedProcess:
   try:
     stdout, stderr = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
-    # launch.local's children, or the launch.train process itself.
-    jax_processes = (_children(proc.pid) if "launch.local" in argv
+    # launch.cluster.local's children, or the launch.train process itself.
+    jax_processes = (_children(proc.pid) if "launch.cluster.local" in argv
                      else [proc.pid])
     for pid in jax_processes:
       os.kill(pid, signal.SIGABRT)
@@ -113,6 +120,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_processes,
   np.testing.assert_array_equal(a["rng"], b["rng"])
 
 
+@pytest.mark.slow
 def test_two_processes_fall_back_past_an_unreadable_checkpoint(
     two_processes, tmp_path):
   """The newest checkpoint of the 2-process run truncated: relaunched with 2
@@ -158,7 +166,7 @@ def _alive(pid):
 
 
 def _start_endless_run(workdir):
-  """launch.local with 2 processes on a run without end (and without
+  """launch.cluster.local with 2 processes on a run without end (and without
   periodic checkpoints), once both are training: (launcher, {process id:
   pid})."""
   launcher = subprocess.Popen(
@@ -180,11 +188,12 @@ def _start_endless_run(workdir):
   return launcher, children
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"),
                     reason="reads the process tree from /proc (Linux)")
 def test_killed_process_ends_the_run(tmp_path):
-  """SIGKILL of process 1 mid-training: launch.local names it, ends process
-  0 (stuck in a collective) and exits non-zero within 60 seconds."""
+  """SIGKILL of process 1 mid-training: launch.cluster.local names it, ends
+  process 0 (stuck in a collective) and exits non-zero within 60 seconds."""
   launcher, children = _start_endless_run(tmp_path)
   try:
     os.kill(children[1], signal.SIGKILL)
@@ -201,6 +210,7 @@ def test_killed_process_ends_the_run(tmp_path):
   assert not any(_alive(pid) for pid in children.values())
 
 
+@pytest.mark.slow
 def test_language_model_split_over_processes(tmp_path):
   """lm_maml with its sequences and parameters split over 2 processes x 2
   devices (data=2 x fsdp=2: each process reads only its 2 of the 4
@@ -221,6 +231,7 @@ def test_language_model_split_over_processes(tmp_path):
   assert P.tree_rel_error(a["eta"], b["eta"]) < 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"),
                     reason="reads the process tree from /proc (Linux)")
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):

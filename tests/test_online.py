@@ -218,6 +218,8 @@ def test_bad_online_settings_are_refused(settings, match):
     make(online={"population": 2}, shapes_only=True)
 
 
+@pytest.mark.slow
+@pytest.mark.mesh
 def test_population_on_a_mesh_equals_one_device(x64):
   """lm_data_rater online on a data=2 x fsdp=2 mesh (the learners' theta
   and s split over fsdp, the sequences over all four devices): the warm-up
@@ -250,6 +252,7 @@ def test_population_on_a_mesh_equals_one_device(x64):
   assert embedding.sharding.shard_shape(embedding.shape) == (2, 256, 16)
 
 
+@pytest.mark.slow
 def test_learned_rates_beat_their_initial_ones():
   """lm_learned_lr online (2 learners living 40 inner steps, windows of T=4)
   from per-tensor rates of 3e-4, well below what the nano model trains best

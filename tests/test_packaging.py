@@ -23,6 +23,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TRAINING_ONLY = ("orbax", "grain", "clu", "tensorboardX")
 
 
+@pytest.mark.subprocess
 def test_engine_imports_without_the_training_stack():
   # A fresh process: this one has imported the trainer long ago.
   script = textwrap.dedent(f"""
@@ -105,3 +106,36 @@ def test_the_package_stays_in_small_pieces():
   modules, classes = import_graph.sizes()
   assert {m: n for m, n in modules.items() if n > 450} == {}
   assert {c: n for c, n in classes.items() if n > 300} == {}
+
+
+def test_the_example_text_is_package_data():
+  from fnmatch import fnmatch
+
+  from metaflow import data
+  path = data.bundled_path("tinyshakespeare.txt")
+  assert os.path.getsize(path) == 1115394
+  package = os.path.dirname(os.path.abspath(metaflow.__file__))
+  relative = os.path.relpath(path, package)
+  assert not relative.startswith(os.pardir)  # inside the package
+  with open(os.path.join(_REPO_ROOT, "pyproject.toml"), "rb") as f:
+    globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["metaflow"]
+  assert any(fnmatch(relative, g) for g in globs), (relative, globs)
+  with pytest.raises(ValueError, match="no bundled data file 'x.txt'"):
+    data.bundled_path("x.txt")
+
+
+def test_nothing_reads_a_path_outside_the_repository():
+  """The shipped code, tests and notebooks name no folder beside the
+  repository (a user's clone has none)."""
+  tracked = subprocess.run(["git", "ls-files"], cwd=_REPO_ROOT,
+                           capture_output=True, text=True).stdout.split()
+  needles = (os.pardir + "/" + "shared", '"shared", ' + '"data"')
+  outside = []
+  for name in tracked:
+    if not name.endswith((".py", ".ipynb", ".toml", ".md")):
+      continue
+    with open(os.path.join(_REPO_ROOT, name), encoding="utf-8") as f:
+      text = f.read()
+    if any(needle in text for needle in needles):
+      outside.append(name)
+  assert not outside, outside

@@ -9,7 +9,7 @@ import jax
 import optax
 import pytest
 
-from launch import plan, train
+from launch import _config, plan
 from metaflow import sharding
 from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
@@ -29,7 +29,7 @@ ARGS = ["--task", "sinusoid_maml", *TASK, "--config.mesh.data=1",
 def _total_bytes(strategy: str, num_inner_steps: int) -> int:
   """The whole meta-step's compiled bytes of the test's config at T, built
   here as launch.train would (one device, shapes only)."""
-  config = train._load_config(train.config_path("sinusoid_maml"))
+  config = _config.load_config(_config.config_path("sinusoid_maml"))
   task = {**config.task.to_dict(), "num_shots": 5, "num_query": 5}
   trainer = BilevelTrainer(
       create_task("sinusoid_maml", **task),
@@ -39,8 +39,9 @@ def _total_bytes(strategy: str, num_inner_steps: int) -> int:
   return trainer.compiled_memory(whole_step=True).total_bytes
 
 
+@pytest.mark.slow
 def test_plan_verdicts_agree_with_compiled_figures(tmp_path, capsys):
-  assert plan.main([*ARGS, f"--out={tmp_path}"]) == 0
+  assert plan.main([*ARGS, "--search=full", f"--out={tmp_path}"]) == 0
   printed = capsys.readouterr().out
   with open(os.path.join(tmp_path, "plan.json")) as f:
     result = json.load(f)
@@ -79,6 +80,8 @@ def test_plan_verdicts_agree_with_compiled_figures(tmp_path, capsys):
     (["--config.task.nope=1"], "unknown config key 'task.nope'"),
     (["--searches", "depth"], "unknown --searches depth"),
     (["--max_steps", "0"], "--max_steps must be >= 1"),
+    (["--search", "huge"], "--search"),
+    (["--task", "nope", "--help"], "unknown task 'nope'"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, tmp_path):
   with pytest.raises(SystemExit) as exit_info:
@@ -136,3 +139,85 @@ def test_search_unbuildable_value_counts_as_not_fitting():
 
   found = plan.largest_fitting(measure, range(20), 10**6, 100)
   assert found.best == 9 and found.errors[found.next_above()] == "too long"
+
+
+def test_default_search_is_the_bounded_one():
+  fv, _ = plan._parse(["--task", "sinusoid_maml"])
+  assert fv.search == "quick" and plan.SEARCH_MODES["quick"] == (2, True)
+  assert fv.max_probes == 2 and fv.max_steps == 4096
+  fv, _ = plan._parse(["--task", "sinusoid_maml", "--search=full"])
+  assert fv.max_probes == plan.SEARCH_MODES["full"][0] == 8
+  fv, _ = plan._parse(["--task", "sinusoid_maml", "--max_probes=5"])
+  assert fv.search == "quick" and fv.max_probes == 5
+
+
+def test_plan_prints_progress_as_it_compiles(tmp_path, capsys):
+  assert plan.main([*ARGS, f"--out={tmp_path}"]) == 0  # --search quick
+  captured = capsys.readouterr()
+  with open(os.path.join(tmp_path, "plan.json")) as f:
+    result = json.load(f)
+  assert result["search"] == {
+      "mode": "quick", "max_probes": 2, "top_first": True,
+      "max_steps": MAX_STEPS, "searches": ["num_inner_steps"]}
+  lines = captured.err.splitlines()
+  assert all(line.startswith("launch.plan: ") for line in lines), lines
+  rows = result["candidates"]
+  assert lines[0] == (f"launch.plan: compiling the {len(rows)} candidates "
+                      "of --strategy auto at T=8, fastest first")
+  compiles = [line for line in lines if line.startswith("launch.plan: [")]
+  assert len(compiles) == result["compiles"] == len(rows) + len(
+      result["largest"]["num_inner_steps"]["probes"]) - 1
+  for i, row in enumerate(rows):
+    fits = "fits" if row["fits"] else "does not fit"
+    assert compiles[i].startswith(
+        f"launch.plan: [{i + 1}] candidate {i + 1}/{len(rows)} "
+        f"{row['strategy']}: "), compiles[i]
+    assert f", {fits}, " in compiles[i] and compiles[i].endswith(" s")
+  probe = result["probe_strategy"]
+  assert (f"launch.plan: search num_inner_steps: 8 to {MAX_STEPS} with "
+          f"{probe}, at most 2 compiles (--search quick, the limit first)"
+          in lines)
+  # The limit is compiled first; the search's result is on stdout.
+  assert compiles[len(rows)].startswith(
+      f"launch.plan: [{len(rows) + 1}] num_inner_steps={MAX_STEPS}: ")
+  largest = result["largest"]["num_inner_steps"]
+  assert len(largest["probes"]) - 1 <= 2
+  assert f"largest num_inner_steps: {largest['value']}" in captured.out
+  assert largest["value"] is not None and largest["total_bytes"] <= BUDGET
+
+
+def test_search_top_first_compiles_the_limit_first():
+  coords = range(4, 4097)
+
+  def search(budget, max_probes):
+    calls = []
+
+    def measure(k):
+      calls.append(k)
+      return 1000 + 37 * coords[k]
+
+    found = plan.largest_fitting(measure, coords, budget, 1000 + 37 * 4,
+                                 max_probes, top_first=True)
+    return found, calls
+
+  found, calls = search(10**6, 2)  # the limit fits: one compile
+  assert calls == [len(coords) - 1] and found.best == len(coords) - 1
+  assert not found.capped
+  found, calls = search(38_000, 2)  # interpolated from the base and limit
+  assert calls[0] == len(coords) - 1 and len(calls) == 2
+  assert coords[found.best] == 1000 and found.capped
+  found, calls = search(38_000, 8)
+  assert found.best == 996 and not found.capped and len(calls) == 3
+
+
+def test_help_lists_the_tasks_and_a_tasks_config_keys(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    plan.main(["--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert "--search" in out and "registered tasks" in out
+  assert "sinusoid_maml" in out
+  with pytest.raises(SystemExit) as exit_info:
+    plan.main(["--task", "sinusoid_maml", "--help"])
+  assert exit_info.value.code == 0
+  assert "--config.task.num_shots=" in capsys.readouterr().out

@@ -1,6 +1,10 @@
 """Checkpointing: resuming is bit-identical to never stopping (state, RNG and
 data order), a process killed with SIGKILL resumes, and a checkpoint of a
-different config is refused."""
+different config is refused.
+
+The quick tier (-m "not slow") keeps the in-process checks; the runs of
+``launch.train`` killed (SIGKILL, SIGTERM) at several moments and resumed
+are slow."""
 
 import dataclasses
 import os
@@ -241,6 +245,8 @@ def _finish_and_compare(workdir, straight_run):
   assert position == straight_run[2]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_at_five_moments_then_resume(tmp_path, straight_run):
   """SIGKILL while a checkpoint is written (three times) and between
   checkpoints (twice); each relaunch resumes from the last finalised one."""
@@ -255,6 +261,8 @@ def test_sigkill_at_five_moments_then_resume(tmp_path, straight_run):
   _finish_and_compare(tmp_path, straight_run)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_at_five_moments_loses_no_step(tmp_path, straight_run):
   """SIGTERM (a preemption notice) while a checkpoint is written and between
   checkpoints: the run finishes its step, checkpoints it, says so and exits
@@ -281,6 +289,8 @@ def _online_cmd(workdir):
           "--config.log_every=200"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_online_run_resumes_exactly_after_sigkill(tmp_path):
   """Killed mid-run and relaunched, an online run ends with the same eta,
   outer optimiser state and every learner's (theta, s, age), array by

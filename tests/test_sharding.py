@@ -2,7 +2,14 @@
 the mesh and the rules, batches laid out per device, meta-gradients on 8
 devices equal to one device's in float64 for every layout, the bug class of
 mixed episodes caught, per-device memory divided by fsdp, and checkpoints
-that move between meshes."""
+that move between meshes.
+
+The quick tier (``-m "not slow"``) keeps the mesh and rule checks, the
+exactness of 8 distinct episodes on data=4 x fsdp=2 (float64, every kind of
+meta-parameter), the language model's layout, one fsdp memory split and the
+fsdp=8 language-model run that resumes on one device (exact against a
+one-device run); the per-task, per-strategy language-model runs on meshes
+are slow."""
 
 
 import jax
@@ -18,6 +25,9 @@ from metaflow.trainer import BilevelTrainer
 from tasks.lm import model as lm_model
 from tests import problems as P
 from tests.test_trainer import Regression, reference_value_and_grad
+
+# Every test here lays arrays over the 8 host devices of the test process.
+pytestmark = pytest.mark.mesh
 
 MESHES = {"fsdp=8": dict(data=1, fsdp=8),
           "data=2 x fsdp=4": dict(data=2, fsdp=4)}
@@ -232,14 +242,18 @@ LM_SETTINGS = dict(preset="nano", seq_len=16, batch_size=8)
 
 @pytest.fixture(scope="module")
 def lm_reference():
-  """One-device runs (float64), by (task, strategy): (eta, evaluation)."""
+  """One-device runs (float64), by (task, strategy): (eta, evaluation).
+
+  Every exact strategy (segments and microbatches included) computes the
+  same meta-gradient (test_lm_tasks: to 1e-9 in float64), so one run of
+  ``standard`` is the reference of all of them: a mesh run of mixflow is
+  held to a one-device run of standard, the strategy's exactness and the
+  sharding's at once, and each task compiles one reference."""
   cache = {}
 
   def get(task, strategy):
-    # Segments and microbatches leave the meta-gradient unchanged: their
-    # reference is the strategy without them.
-    strategy = metaflow.Strategy.parse(strategy, segment_length=None,
-                                       microbatches=1).name
+    if metaflow.Strategy.parse(strategy).exact:
+      strategy = "standard"
     if (task, strategy) not in cache:
       cache[task, strategy] = _lm_run(task, strategy, P.ONE_DEVICE)
     return cache[task, strategy]
@@ -259,7 +273,9 @@ def _lm_run(task, strategy, mesh, steps=2):
 # Sequences split 8 ways with parameters replicated (data=8) is the
 # data=2 x fsdp=4 case's split of the batch without its parameter split;
 # lm_maml mixflow on fsdp=8 is test_checkpoint_moves_between_meshes (its
-# fsdp=8 run continued on one device equals a one-device run).
+# fsdp=8 run continued on one device equals a one-device run), the quick
+# tier's language model on a mesh.
+@pytest.mark.slow
 @pytest.mark.parametrize("task,strategy,mesh", [
     ("lm_maml", "mixflow", "data=2 x fsdp=4"),
     ("lm_maml", "standard", "data=2 x fsdp=4"),
@@ -305,7 +321,8 @@ def test_lm_sequences_and_parameters_are_split():
     assert state.opt_state.notfinite_count.sharding.is_fully_replicated
 
 
-@pytest.mark.parametrize("strategy", ["standard", "mixflow"])
+@pytest.mark.parametrize("strategy", [
+    pytest.param("standard", marks=pytest.mark.slow), "mixflow"])
 def test_fsdp_divides_the_per_device_memory(strategy):
   """Compiled per-device memory of one meta-gradient (shapes only) on the
   fsdp=8 mesh against one device: the stored carries are split 8 ways and
@@ -334,8 +351,11 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   with jax.enable_x64(True):
     split = trainer(sharding.make_mesh(fsdp=8))
     split.fit(2, tmp_path / "moved", console=False)
-    moved = trainer(P.ONE_DEVICE).fit(4, tmp_path / "moved", console=False)
-    straight = trainer(P.ONE_DEVICE).fit(4, console=False)
+    # One one-device trainer for both runs (`fit` keeps no state between
+    # calls): its programs are traced and compiled once.
+    one = trainer(P.ONE_DEVICE)
+    moved = one.fit(4, tmp_path / "moved", console=False)
+    straight = one.fit(4, console=False)
     # eta of one mesh is evaluated on another (placed in its layout).
     evaluation = split.evaluate(straight.state.eta)
   assert moved.state.eta.init["head"]["kernel"].sharding.mesh.size == 1

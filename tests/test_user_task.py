@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from launch import train
-from launch._cli import UsageError
+from launch.train import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +86,7 @@ def _train(args, folder):
                         timeout=300)
 
 
+@pytest.mark.subprocess
 def test_user_task_trains_and_resumes(tmp_path, user_module):
   name, folder = user_module
   args = [f"--task={name}:LineTask", f"--workdir={tmp_path / 'run'}",
@@ -106,7 +107,7 @@ def test_user_task_config_and_errors(user_module):
   argv = train.prepare_argv(["train", f"--task={name}:LineTask",
                              "--config.task.inner_lr=0.5"])
   assert argv[1].endswith(f"task_fields.py:{name}:LineTask")
-  config = train._load_config(argv[1].split("=", 1)[1])
+  config = train.load_config(argv[1].split("=", 1)[1])
   assert config.task.to_dict() == {"inner_lr": 0.1, "noise": 0.1}
   assert config.inner_steps == 5  # the shared defaults
   # A module that registers its own task, by name.
@@ -128,6 +129,7 @@ def test_user_task_config_and_errors(user_module):
       train.prepare_argv(["train", *argv])
 
 
+@pytest.mark.subprocess
 def test_task_class_that_registers_itself_under_its_own_name(tmp_path,
                                                             user_module):
   """``--task module:Class`` for a class that carries

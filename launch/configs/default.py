@@ -32,11 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.online.population = 0
   config.online.lifetime = 0
   config.outer_optimizer = "adam"   # adam | sgd
-  config.outer_lr = 1e-3
-  config.seed = 0
+  config.outer_lr = 1e-3            # the outer optimiser's learning rate
+  config.seed = 0                   # parameters, episodes and learners
   config.num_eval_tasks = 100       # held-out episodes per evaluation
-  config.eval_split = "validation"
-  config.log_every = 100
+  config.eval_split = "validation"  # held-out split: validation | test
+  config.log_every = 100           # meta-steps between metric rows
   config.eval_every = 0             # 0: evaluate at the start and the end only
   config.checkpoint_every = 500     # 0: checkpoint at the end only
   config.keep_checkpoints = 3       # the most recent checkpoints kept

@@ -1,16 +1,17 @@
 """The MixFlow-MG paper's language-model benchmark, reproduced and extended.
 
-    python -m launch.benchmark_lm --sweep paper   [--out performance]
-    python -m launch.benchmark_lm --sweep largest [--out performance]
-    python -m launch.benchmark_lm --sweep time    [--out performance]
-    python -m launch.benchmark_lm --sweep quick   [--out DIR]   (two points)
+    python -m experiments.paper_sweep --sweep paper   [--out DIR]
+    python -m experiments.paper_sweep --sweep largest [--out DIR]
+    python -m experiments.paper_sweep --sweep time    [--out DIR] [--repeats N]
+    python -m experiments.paper_sweep --sweep quick   [--out DIR]  (two points)
 
-Each sweep appends one JSON line per point to ``OUT/sweep_<name>.jsonl`` as
-soon as the point is measured, and a rerun skips the points already there
+``--out`` defaults to ``experiments/paper_sweep`` (where the committed results
+lie). Each sweep appends one JSON line per point to ``OUT/sweep_<name>.jsonl``
+as soon as the point is measured, and a rerun skips the points already there
 (delete the file to measure again); at the end the plots are redrawn from the
 whole file. Every compiled figure is XLA's compiled memory analysis from
-shapes only (`BilevelTrainer(shapes_only=True)`: no model is initialised),
-so the paper's sizes are compiled on a laptop; ``paper``, ``largest`` and
+shapes only (`BilevelTrainer(shapes_only=True)`: no model is initialised), so
+the paper's sizes are compiled on a laptop; ``paper``, ``largest`` and
 ``quick`` compile with ``--xla_backend_optimization_level=0`` (faster code
 generation; the buffer assignment, made before it, is that of a default
 compile). The strategies compared at every point (`COLUMNS`):
@@ -60,19 +61,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
+from absl import flags
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
+from launch import _cli
 from launch import plan as plan_lib
 from launch.benchmark import median_seconds, platform_info, save_plot
+from launch.benchmark_lm import LM_TASKS
 from metaflow import data, sharding
 from tasks.lm import model as lm_model
 
 SWEEPS = ("paper", "largest", "time", "quick")
-LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
 _GIB = 2.0**30
 _BEST = "mixflow+remat+saved_inner_grads"
 
@@ -425,3 +428,48 @@ def run(sweep: str, out: str, repeats: int = 5) -> list[dict]:
   else:
     raise ValueError(f"unknown sweep {sweep!r}; expected one of {SWEEPS}")
   return rows
+
+
+#: Sweeps that only compile: code generation without optimisation (the
+#: buffer assignment is made before it).
+_FAST_COMPILE = ("--xla_backend_optimization_level=0",)
+
+
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("sweep", None, SWEEPS, "The sweep: paper (Table 1), "
+                    "largest (Table 2), time, quick (two small points); "
+                    "resumable, one JSON line per point in "
+                    "OUT/sweep_NAME.jsonl.", flag_values=fv)
+  flags.DEFINE_string("out", "experiments/paper_sweep", "Folder of the JSON "
+                      "lines and the plots.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed meta-gradients per column of "
+                       "the time sweep (median reported).", lower_bound=1,
+                       flag_values=fv)
+  _cli.parse_flags(fv, ["experiments.paper_sweep", *argv], __doc__,
+                   passthrough=False, required=("sweep",))
+  if os.path.exists(fv.out) and not os.path.isdir(fv.out):
+    raise _cli.UsageError(f"--out {fv.out!r} exists and is not a folder.")
+  return fv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point (``argv`` without the program name; default
+  ``sys.argv[1:]``): the exit status; bad input is one ``error: ...`` line on
+  stderr, status 2. Starts JAX's backend with the devices and compile flags
+  the sweep needs (in a process where JAX has started already, ``largest``
+  needs it to have 64 devices)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  devices = max(LARGEST["devices"]) if args.sweep == "largest" else 0
+  _cli.start_backend(devices, () if args.sweep == "time" else _FAST_COMPILE)
+  run(args.sweep, args.out, args.repeats)
+  return 0

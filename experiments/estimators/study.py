@@ -1,6 +1,6 @@
 """Which meta-gradient to use when: exact (mixflow), implicit and first_order.
 
-    python -m launch.study_estimators
+    python -m experiments.estimators
         [--tasks sinusoid_maml,fewshot_classification]
         [--steps 1,5,20,100,1000] [--cg_steps 20] [--meta_steps 200]
         [--budget_s 60] [--out DIR]
@@ -37,7 +37,6 @@ Writes ``study_estimators.json`` and ``study_estimators.png`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Optional, Sequence
@@ -45,11 +44,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 import optax
+from absl import flags
 from jax.flatten_util import ravel_pytree
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
-from launch.benchmark import _int_list, median_seconds, write_results
+from launch import _cli
+from launch.benchmark import median_seconds, write_results
 from metaflow import sharding
 
 ESTIMATORS = ("mixflow", "implicit", "first_order")
@@ -210,7 +211,7 @@ def train_table(task_name: str, cg_steps: Optional[int],
   return rows
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: flags.FlagValues) -> dict:
   result = {"accuracy": [], "training": []}
   for name in args.tasks:
     table = accuracy_table(name, args.steps, args.cg_steps, args.solve_steps,
@@ -283,44 +284,49 @@ def plot(result: dict, plt):
   return fig
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m launch.study_estimators",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--tasks", default="sinusoid_maml,fewshot_classification",
-                 help="comma-separated: " + ", ".join(SETTINGS))
-  p.add_argument("--steps", type=_int_list, default=[1, 5, 20, 100, 1000],
-                 help="inner steps T of the accuracy study")
-  p.add_argument("--cg_steps", type=int, default=20,
-                 help="implicit's CG steps in the accuracy study (training: "
-                 "SETTINGS' train_cg_steps)")
-  p.add_argument("--solve_steps", type=int, default=5000,
-                 help="inner steps of the reference solution")
-  p.add_argument("--solve_cg_steps", type=int, default=200,
-                 help="CG steps of the reference solution")
-  p.add_argument("--train_steps", type=int, default=None,
-                 help="T of the meta-training comparison (default: SETTINGS')")
-  p.add_argument("--meta_steps", type=int, default=200,
-                 help="meta-steps of the equal-steps comparison")
-  p.add_argument("--budget_s", type=float, default=60.0,
-                 help="seconds of meta-steps per estimator (equal time)")
-  p.add_argument("--repeats", type=int, default=5,
-                 help="timed meta-gradients (median reported)")
-  p.add_argument("--out", default="study_results", help="output folder")
-  args = p.parse_args(argv)
-  args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-  unknown = sorted(set(args.tasks) - set(SETTINGS))
-  if unknown:
-    p.error(f"unknown task(s) {unknown}; the study knows {sorted(SETTINGS)}")
-  for name in ("cg_steps", "solve_steps", "solve_cg_steps", "train_steps",
-               "meta_steps", "repeats"):
-    if getattr(args, name) is not None and getattr(args, name) < 1:
-      p.error(f"--{name} must be >= 1")
-  if args.budget_s < 0:
-    p.error("--budget_s must be >= 0")
-  return args
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  _cli.define_parsed("tasks", "sinusoid_maml,fewshot_classification",
+                     _cli.names_in(tuple(SETTINGS), "task(s)"),
+                     "Comma-separated tasks: " + ", ".join(SETTINGS) + ".", fv,
+                     syntax="tasks")
+  _cli.define_parsed("steps", "1,5,20,100,1000", _cli.positive_ints,
+                     "Inner steps T of the accuracy study (comma-separated).",
+                     fv, syntax="ints")
+  flags.DEFINE_integer("cg_steps", 20, "Implicit's CG steps in the accuracy "
+                       "study (training: SETTINGS' train_cg_steps).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("solve_steps", 5000, "Inner steps of the reference "
+                       "solution.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("solve_cg_steps", 200, "CG steps of the reference "
+                       "solution.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("train_steps", None, "T of the meta-training "
+                       "comparison (default: SETTINGS').", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("meta_steps", 200, "Meta-steps of the equal-steps "
+                       "comparison.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_float("budget_s", 60.0, "Seconds of meta-steps per estimator "
+                     "(equal time).", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed meta-gradients (median "
+                       "reported).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("out", "study_results", "Output folder.",
+                      flag_values=fv)
+  _cli.parse_flags(fv, ["experiments.estimators", *argv], __doc__,
+                   passthrough=False)
+  return fv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   print(f"metaflow estimator study on {jax.devices()[0].platform} "
         f"(jax {jax.__version__})")

@@ -1,6 +1,7 @@
 """Submit launch.train as a Slurm batch job: one JAX process per GPU.
 
-    python -m launch.slurm --nodes 2 --gpus_per_node 4 [--cpus_per_task 8] \\
+    python -m launch.cluster.slurm --nodes 2 --gpus_per_node 4 \\
+        [--cpus_per_task 8] \\
         [--partition gpu] [--account A] [--time 24:00:00] \\
         [--job_name metaflow] [--venv .venv] [--output slurm-%j.out] \\
         [--script metaflow.sbatch] [--dry_run] \\
@@ -146,7 +147,7 @@ def batch_script(nodes: int, gpus_per_node: int, cpus_per_task: int,
       ["#!/bin/bash"]
       + [f"#SBATCH {option}" for option in options]
       + ["",
-         "# Written by python -m launch.slurm. One task per GPU; JAX's",
+         "# Written by python -m launch.cluster.slurm. One task per GPU; JAX's",
          "# jax.distributed.initialize() takes the coordinator (first node),",
          "# the process count and id from srun's SLURM_* variables and uses",
          "# the GPU numbered SLURM_LOCALID (every task sees the node's GPUs).",
@@ -178,12 +179,13 @@ def _check_args(fv: flags.FlagValues, train_args: Sequence[str]) -> None:
     raise _cli.UsageError("--venv must not be empty.")
   if fv.script == "":
     raise _cli.UsageError("--script must not be empty.")
-  _cli.check_reserved(train_args, _cli.DISTRIBUTED_FLAGS, "launch.slurm")
+  _cli.check_reserved(train_args, _cli.DISTRIBUTED_FLAGS,
+                      "launch.cluster.slurm")
   _cli.require_train_flags(train_args, ("task", "workdir"))
 
 
 def main(argv: Sequence[str]) -> int:
-  """``python -m launch.slurm``; returns the exit status.
+  """``python -m launch.cluster.slurm``; returns the exit status.
 
   Raises:
     _cli.UsageError: bad input.
@@ -209,15 +211,15 @@ def main(argv: Sequence[str]) -> int:
   python = os.path.join(_cli.REPO_ROOT, fv.venv, "bin", "python")
   if not os.path.isfile(python):
     raise _cli.UsageError(f"{python} does not exist: create the virtual "
-                          "environment first (see python -m launch.slurm "
-                          "--help).")
+                          "environment first (see python -m "
+                          "launch.cluster.slurm --help).")
   try:
     with open(path, "w") as f:
       f.write(script)
   except OSError as e:
     raise _cli.UsageError(f"cannot write {path}: {e.strerror}.") from None
-  print(f"launch.slurm: wrote {path}", file=sys.stderr, flush=True)
-  _cli.run_checked(sbatch, "launch.slurm")
+  print(f"launch.cluster.slurm: wrote {path}", file=sys.stderr, flush=True)
+  _cli.run_checked(sbatch, "launch.cluster.slurm")
   return 0
 
 

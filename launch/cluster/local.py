@@ -1,7 +1,8 @@
 """Run one multi-process JAX job on this machine: N processes of launch.train.
 
-    python -m launch.local --num_processes 2 [--devices_per_process 4] \\
-        [--port P] [--grace_period 5] [--module launch.train] [--dry_run] \\
+    python -m launch.cluster.local --num_processes 2 \\
+        [--devices_per_process 4] [--port P] [--grace_period 5] \\
+        [--module launch.train] [--dry_run] \\
         -- --task sinusoid_maml --workdir runs/sinusoid_2proc
 
 Starts N child processes (p = 0 ... N-1), from the current directory and with
@@ -27,33 +28,34 @@ process's stdout, each line prefixed with ``[p] `` (children run with
 
 Exit status: 0 when every child exits with 0. As soon as one exits otherwise,
 one line on stderr names it and how it ended, e.g.
-``launch.local: process 1 (pid 1234) exited with status 3; stopping the
+``launch.cluster.local: process 1 (pid 1234) exited with status 3; stopping the
 others.``; the others get SIGTERM, then SIGKILL after ``--grace_period``
 seconds (a JAX process whose peer died can hang in a collective and ignore
-SIGTERM); launch.local waits for them and exits with the failed child's status
-(128 + N for a child killed by signal N). SIGTERM, SIGINT or SIGHUP sent to
-launch.local ends all children the same way, and it exits with 128 + N (a
-second such signal skips the grace period).
+SIGTERM); launch.cluster.local waits for them and exits with the failed
+child's status (128 + N for a child killed by signal N). SIGTERM, SIGINT or
+SIGHUP sent to launch.cluster.local ends all children the same way, and it
+exits with 128 + N (a second such signal skips the grace period).
 
 No orphans, no hang:
 
 * Each child starts in its own session (``start_new_session``): a Ctrl-C in the
-  terminal reaches only launch.local, which shuts the children down in order,
-  and ending a child ends its process group (its own subprocesses included).
+  terminal reaches only launch.cluster.local, which shuts the children down
+  in order, and ending a child ends its process group (its own subprocesses
+  included).
 * On Linux each child also asks the kernel, between fork and exec
   (``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes in ``preexec_fn``), to
-  be killed with SIGKILL when launch.local dies, so even ``kill -9`` of
-  launch.local leaves no child behind; a child whose parent already died
+  be killed with SIGKILL when launch.cluster.local dies, so even ``kill -9`` of
+  launch.cluster.local leaves no child behind; a child whose parent already died
   before the call kills itself. (Only the direct children get this; on other
   systems the process groups are ended on every path except SIGKILL of
-  launch.local.)
+  launch.cluster.local.)
 
 Bad input (N < 1, K < 1, a port outside 1-65535, nothing after ``--`` when the
 module is launch.train, or ``--coordinator_address``/``--num_processes``/
-``--process_id``/``--distributed`` after ``--``, which launch.local sets) is one
-line, ``error: ...``, with exit status 2. ``--dry_run`` prints the N command
-lines, each with its environment changes as ``NAME=value`` prefixes, and exits
-with status 0.
+``--process_id``/``--distributed`` after ``--``, which launch.cluster.local
+sets) is one line, ``error: ...``, with exit status 2. ``--dry_run`` prints
+the N command lines, each with its environment changes as ``NAME=value``
+prefixes, and exits with status 0.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ class _Group:
       proc.wait()
 
   def wait(self) -> int:
-    """Waits for all children; returns launch.local's exit status."""
+    """Waits for all children; returns launch.cluster.local's exit status."""
     status = 0
     try:
       while not self.signals:
@@ -251,7 +253,7 @@ class _Group:
         if failed:
           index, proc = failed
           tail = "; stopping the others." if running else "."
-          print(f"launch.local: process {index} (pid {proc.pid}) "
+          print(f"launch.cluster.local: process {index} (pid {proc.pid}) "
                 f"{_describe(proc.returncode)}{tail}", file=sys.stderr,
                 flush=True)
           status = _exit_status(proc.returncode)
@@ -261,7 +263,8 @@ class _Group:
         time.sleep(_POLL_SECONDS)
       if self.signals:
         sig = signal.Signals(self.signals[0])
-        print(f"launch.local: received {sig.name}; stopping the processes.",
+        print(f"launch.cluster.local: received {sig.name}; stopping the "
+              "processes.",
               file=sys.stderr, flush=True)
         status = 128 + sig.value
     finally:
@@ -272,7 +275,7 @@ class _Group:
 
 
 def main(argv: Sequence[str]) -> int:
-  """``python -m launch.local``; returns the exit status.
+  """``python -m launch.cluster.local``; returns the exit status.
 
   Raises:
     _cli.UsageError: bad input.
@@ -297,7 +300,7 @@ def main(argv: Sequence[str]) -> int:
   if fv.module == DEFAULT_MODULE and not args:
     raise _cli.UsageError("nothing after --: give the launch.train arguments, "
                           "e.g. -- --task sinusoid_maml --workdir runs/x.")
-  _cli.check_reserved(args, _cli.DISTRIBUTED_FLAGS, "launch.local")
+  _cli.check_reserved(args, _cli.DISTRIBUTED_FLAGS, "launch.cluster.local")
 
   port = fv.port if fv.port is not None else free_port()
   argvs = commands(fv.module, args, fv.num_processes, port)

@@ -1,17 +1,17 @@
 """The data-curation experiment: does a meta-learned data rater tell useful
 text from noise, and does filtering by it save training compute?
 
-    python -m launch.study_data_rater [--out performance/data_rater] \\
+    python -m experiments.data_rater [--out experiments/data_rater] \\
         [--meta_steps 300] [--train_steps 600] [--keep 0.75] [--tiny]
 
 1. **A noisy pool** from the bundled texts (`build_pool`): sequences of
-   ``seq_len + 1`` bytes of Shakespeare (``../shared/data/tinyshakespeare.txt``,
-   the on-target kind; its last tenth is held out as the target), a quarter
-   of them corrupted, in equal thirds: random bytes, the sequence's own bytes
-   shuffled, one of its characters repeated; plus off-target text, Python's
-   documentation (the embedded corpus), as many sequences as were corrupted.
-   The sequences are shuffled into one file; ``pool_labels.json`` names each
-   one's kind.
+   ``seq_len + 1`` bytes of Shakespeare (bundled as
+   ``metaflow/_data/tinyshakespeare.txt``, the on-target kind; its last tenth
+   is held out as the target), a quarter of them corrupted, in equal thirds:
+   random bytes, the sequence's own bytes shuffled, one of its characters
+   repeated; plus off-target text, Python's documentation (the embedded
+   corpus), as many sequences as were corrupted. The sequences are shuffled
+   into one file; ``pool_labels.json`` names each one's kind.
 2. **Meta-training** `lm_data_rater` online on the pool, V on the target.
 3. **Scores**: the trained rater scores every sequence of the pool; ROC AUC
    of telling clean on-target sequences (positive) from each corrupted kind
@@ -24,7 +24,7 @@ text from noise, and does filtering by it save training compute?
    (b) needs to reach (a)'s final loss.
 
 Writes ``OUT/data_rater.json`` and ``OUT/data_rater_scores.png``,
-``OUT/data_rater_curves.png`` (``performance/data_rater/`` is committed).
+``OUT/data_rater_curves.png`` (``experiments/data_rater/`` is committed).
 ``--tiny`` is the test's size (under a minute of meta-training; random
 bytes, repeated characters and off-target text separate, shuffled text does
 not).
@@ -32,7 +32,6 @@ not).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -41,11 +40,12 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
 
-from launch import benchmark, curate
+from launch import _cli, benchmark, curate
+from metaflow import data
 
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "..", "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = data.bundled_path("tinyshakespeare.txt")
 KINDS = ("clean", "random_bytes", "shuffled", "repeated", "off_target")
 
 #: The experiment's settings at the default and the test size.
@@ -61,18 +61,32 @@ SIZES = {
 }
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m launch.study_data_rater",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--out", default="performance/data_rater")
-  p.add_argument("--tiny", action="store_true", help="the test's size")
-  p.add_argument("--meta_steps", type=int, default=None)
-  p.add_argument("--train_steps", type=int, default=None)
-  p.add_argument("--keep", type=float, default=0.75)
-  p.add_argument("--shakespeare", default=SHAKESPEARE,
-                 help="the on-target text")
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of a command line (``argv`` without the program name).
+
+  Raises:
+    UsageError: bad input.
+  """
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", "experiments/data_rater", "Output folder (the "
+                      "pool, the filtered subsets, the JSON and the plots).",
+                      flag_values=fv)
+  flags.DEFINE_boolean("tiny", False, "The test's size.", flag_values=fv)
+  flags.DEFINE_integer("meta_steps", None, "Meta-steps of the rater "
+                       "(default: the size's).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("train_steps", None, "Inner steps of the fresh models "
+                       "(default: the size's).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_float("keep", 0.75, "Fraction of the pool the rater keeps, in "
+                     "(0, 1).", flag_values=fv)
+  flags.DEFINE_string("shakespeare", SHAKESPEARE, "The on-target text.",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the pool, the models and the "
+                       "random subset.", lower_bound=0, flag_values=fv)
+  _cli.parse_flags(fv, ["experiments.data_rater", *argv], __doc__,
+                   passthrough=False)
+  return fv  # --keep and --shakespeare: checked by `run`.
 
 
 def _cut(tokens: np.ndarray, length: int) -> np.ndarray:
@@ -150,7 +164,7 @@ def _write_subset(path: str, sequences: np.ndarray, rows: np.ndarray) -> str:
   return path
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: flags.FlagValues) -> dict:
   import jax
   import optax
 
@@ -264,12 +278,16 @@ def plot_curves(result: dict, plt):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   try:
     result = run(args)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise _cli.UsageError(_cli.one_line(e)) from None
   path = os.path.join(args.out, "data_rater.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)

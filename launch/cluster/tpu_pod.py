@@ -1,6 +1,7 @@
 """Run launch.train on every worker of a Cloud TPU VM pod slice.
 
-    python -m launch.tpu_pod --tpu NAME --zone ZONE [--project PROJECT] \\
+    python -m launch.cluster.tpu_pod --tpu NAME --zone ZONE \\
+        [--project PROJECT] \\
         [--remote_dir '~/metaflow'] [--python python3] [--setup|--nosetup] \\
         [--dry_run] -- --task lm_maml --workdir /mnt/shared/runs/lm_maml
 
@@ -154,7 +155,8 @@ def _check_args(fv: flags.FlagValues, train_args: Sequence[str]) -> None:
       raise _cli.UsageError(f"--{name} is required.")
   if not fv.remote_dir:
     raise _cli.UsageError("--remote_dir must not be empty.")
-  _cli.check_reserved(train_args, _cli.DISTRIBUTED_FLAGS, "launch.tpu_pod")
+  _cli.check_reserved(train_args, _cli.DISTRIBUTED_FLAGS,
+                      "launch.cluster.tpu_pod")
   _cli.require_train_flags(train_args, ("task", "workdir"))
   workdir = _cli.flag_value(train_args, "workdir")
   if not os.path.isabs(workdir):
@@ -164,7 +166,7 @@ def _check_args(fv: flags.FlagValues, train_args: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  """``python -m launch.tpu_pod``; returns the exit status.
+  """``python -m launch.cluster.tpu_pod``; returns the exit status.
 
   Raises:
     _cli.UsageError: bad input.
@@ -201,8 +203,8 @@ def main(argv: Sequence[str]) -> int:
           ["git", "status", "--porcelain", "--untracked-files=no"],
           cwd=_cli.REPO_ROOT, capture_output=True, text=True, check=False)
       if dirty.stdout.strip():
-        print("launch.tpu_pod: warning: uncommitted changes are not copied "
-              "(git archive HEAD packs committed files only).",
+        print("launch.cluster.tpu_pod: warning: uncommitted changes are not "
+              "copied (git archive HEAD packs committed files only).",
               file=sys.stderr, flush=True)
       tmpdir = tempfile.mkdtemp(prefix="metaflow-tpu-")
       try:
@@ -210,12 +212,13 @@ def main(argv: Sequence[str]) -> int:
         for command in setup_commands(fv.tpu, fv.zone, fv.project,
                                       fv.remote_dir, fv.python, archive,
                                       jax_version):
-          _cli.run_checked(command, "launch.tpu_pod", cwd=_cli.REPO_ROOT)
+          _cli.run_checked(command, "launch.cluster.tpu_pod",
+                           cwd=_cli.REPO_ROOT)
       finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    _cli.run_checked(run_cmd, "launch.tpu_pod")
+    _cli.run_checked(run_cmd, "launch.cluster.tpu_pod")
   except KeyboardInterrupt:
-    print("launch.tpu_pod: interrupted.", file=sys.stderr)
+    print("launch.cluster.tpu_pod: interrupted.", file=sys.stderr)
     return 130
   return 0
 
