@@ -112,7 +112,7 @@ def tree_rel_error(a, b) -> float:
 
 
 def trainer_strategy_errors(make_trainer, scale: float = 0.05,
-                            learners=None):
+                            learners=None, strategies=None):
   """Relative errors of every exact strategy's (value, meta-gradient)
   against ``standard``'s, on one meta-train episode and all compiled in one
   program.
@@ -126,8 +126,11 @@ def trainer_strategy_errors(make_trainer, scale: float = 0.05,
   gradient error)}``, one entry for each exact strategy but standard.
   ``learners``: an online trainer's population, whose windows (one per
   learner, a meta-batch of P episodes) are compared instead.
+  ``strategies``: the exact strategies compared (default: all), standard
+  first.
   """
-  trainers = [make_trainer(s) for s in metaflow.exact_strategies()]
+  trainers = [make_trainer(s)
+              for s in (strategies or metaflow.exact_strategies())]
   first = trainers[0]
   assert first.strategy.name == "standard"
   leaves, tree = jax.tree.flatten(first.init_state().eta)
@@ -155,5 +158,7 @@ def trainer_strategy_errors(make_trainer, scale: float = 0.05,
   errors = {t.strategy.name: (abs(float(v - ref_value)) / abs(float(ref_value)),
                               tree_rel_error(g, ref_grads))
             for t, ((v, _), g) in zip(trainers[1:], results[1:])}
-  assert set(errors) == set(metaflow.exact_strategy_names()) - {"standard"}
+  expected = (metaflow.exact_strategy_names() if strategies is None
+              else strategies)
+  assert set(errors) == set(expected) - {"standard"}
   return errors

@@ -72,6 +72,7 @@ def test_outer_batches_come_from_the_target_text(tmp_path):
     assert episode["inner"].max() < 110 and episode["outer"].min() >= 110
 
 
+@pytest.mark.slow  # quick tier: test_online's every strategy online
 def test_mixflow_matches_standard_online(x64):
   """Through the softmax over the batch and the sequence rater, from
   carried learners (every strategy's exactness for loss weights online:

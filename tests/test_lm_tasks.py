@@ -3,9 +3,9 @@
 needs several times less compiled memory than standard on lm_loss_weighting,
 and bad input is one clear message.
 
-The quick tier (``-m "not slow"``) checks every strategy against standard on
+The quick tier (``-m "not slow"``) checks MixFlow-MG against standard on
 lm_loss_weighting (eta inside L, the most involved of the three) and the
-tasks' meta-parameters; the other two tasks' strategy checks, float32,
+tasks' meta-parameters; every strategy on the three tasks, float32,
 meta-training, the memory ratio and resuming are slow (resuming and memory
 in general: test_resume, test_memory)."""
 
@@ -33,21 +33,34 @@ def _trainer(name, strategy="mixflow", num_steps=2, meta_batch_size=1,
                         mesh=P.ONE_DEVICE)
 
 
-def _strategy_errors(name, **settings):
-  """Every exact strategy against standard (`problems.trainer_strategy_errors`,
-  default float dtype)."""
-  return P.trainer_strategy_errors(lambda s: _trainer(name, s, **settings))
+def _strategy_errors(name, strategies=None, **settings):
+  """Exact strategies (default: all) against standard
+  (`problems.trainer_strategy_errors`, default float dtype)."""
+  return P.trainer_strategy_errors(lambda s: _trainer(name, s, **settings),
+                                   strategies=strategies)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("lm_learned_lr", marks=pytest.mark.slow),
-    pytest.param("lm_maml", marks=pytest.mark.slow),
-    "lm_loss_weighting"])
-def test_every_strategy_matches_standard_float64(name, x64):
-  errors = _strategy_errors(name)
+def _assert_float64_exact(errors):
   for strategy, (value_error, grad_error) in errors.items():
     assert value_error < 1e-12, (strategy, value_error)
     assert grad_error < 1e-9, (strategy, grad_error)
+
+
+def test_mixflow_matches_standard_float64(x64):
+  """The quick tier's check: MixFlow-MG through the transformer
+  (lm_loss_weighting: eta inside L); every other exact strategy is checked
+  against standard on the small problems of test_exactness, and on the
+  language models by the slow test below."""
+  errors = _strategy_errors("lm_loss_weighting", ("standard", "mixflow"))
+  assert set(errors) == {"mixflow"}
+  _assert_float64_exact(errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lm_learned_lr", "lm_maml",
+                                  "lm_loss_weighting"])
+def test_every_strategy_matches_standard_float64(name, x64):
+  _assert_float64_exact(_strategy_errors(name))
 
 
 @pytest.mark.slow

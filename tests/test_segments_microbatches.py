@@ -38,7 +38,8 @@ def _relative_errors(problem, num_steps, baseline, variants):
           for v, (value, grads) in zip(variants, ours)}
 
 
-@pytest.mark.parametrize("num_steps", [1, 7, 16])
+@pytest.mark.parametrize("num_steps", [
+    1, 7, pytest.param(16, marks=pytest.mark.slow)])
 def test_segments_exact(num_steps, x64):
   """T in 1, 7, 16 x K in 1, 3, 4, 16 (and auto) x standard, mixflow: a
   last partial segment when K does not divide T; K >= T is one segment."""

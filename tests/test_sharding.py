@@ -6,10 +6,10 @@ that move between meshes.
 
 The quick tier (``-m "not slow"``) keeps the mesh and rule checks, the
 exactness of 8 distinct episodes on data=4 x fsdp=2 (float64, every kind of
-meta-parameter), the language model's layout, one fsdp memory split and the
-fsdp=8 language-model run that resumes on one device (exact against a
-one-device run); the per-task, per-strategy language-model runs on meshes
-are slow."""
+meta-parameter), the language model's layout, fit and evaluate on a mesh;
+the per-task, per-strategy language-model runs on meshes, the fsdp memory
+split and the fsdp=8 language-model run that resumes on one device are
+slow."""
 
 
 import jax
@@ -321,8 +321,8 @@ def test_lm_sequences_and_parameters_are_split():
     assert state.opt_state.notfinite_count.sharding.is_fully_replicated
 
 
-@pytest.mark.parametrize("strategy", [
-    pytest.param("standard", marks=pytest.mark.slow), "mixflow"])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["standard", "mixflow"])
 def test_fsdp_divides_the_per_device_memory(strategy):
   """Compiled per-device memory of one meta-gradient (shapes only) on the
   fsdp=8 mesh against one device: the stored carries are split 8 ways and
@@ -340,6 +340,7 @@ def test_fsdp_divides_the_per_device_memory(strategy):
   assert split.temp_bytes * 4 <= one.temp_bytes
 
 
+@pytest.mark.slow  # the quick tier's resume: test_resume, test_survival
 def test_checkpoint_moves_between_meshes(tmp_path):
   """A run checkpointed on fsdp=8 resumes on one device (Orbax restores
   into the new shardings) and ends where a one-device run ends."""
