@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -266,6 +268,35 @@ def names_in(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
     return names
 
   return parse
+
+
+def check_output_folder(path: str, flag: str) -> None:
+  """Checks, before anything runs, that ``path`` is a folder that can be
+  written or can be created; leaves nothing behind (a folder it had to create
+  to find out is removed).
+
+  Raises:
+    UsageError: it cannot hold the output (``flag`` names the flag).
+  """
+  folder = os.path.abspath(path)
+  first_missing = None
+  while not os.path.exists(folder):
+    first_missing, folder = folder, os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise UsageError(f"--{flag} {path!r}: {folder!r} is not a folder.")
+  probe = None
+  try:
+    if first_missing is not None:
+      os.makedirs(path)
+    probe = tempfile.mkdtemp(dir=path)
+  except OSError as e:
+    raise UsageError(f"--{flag} {path!r} cannot be written: "
+                     f"{one_line(e.strerror or e)}.") from None
+  finally:
+    for made in (first_missing, probe):
+      if made is not None and os.path.exists(made):
+        shutil.rmtree(made, ignore_errors=True)
+        break
 
 
 def flag_value(args: Sequence[str], name: str) -> Optional[str]:

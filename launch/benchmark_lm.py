@@ -239,10 +239,13 @@ def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   if args.host_devices:
     _cli.start_backend(args.host_devices)
+  try:  # before anything compiles: the mesh fits the devices
+    mesh = sharding.make_mesh(**args.mesh) if args.mesh else None
+  except ValueError as e:
+    raise _cli.UsageError(f"--mesh: {_cli.one_line(e)}") from None
   print(f"metaflow LM benchmark on {jax.devices()[0].platform} "
         f"(jax {jax.__version__}); preset {args.preset}"
-        + (f", mesh {sharding.describe(sharding.make_mesh(**args.mesh))}"
-           if args.mesh else "")
+        + (f", mesh {sharding.describe(mesh)}" if mesh else "")
         + (" with per-block remat" if args.remat_blocks else "")
         + ", inner Adam; "
         + (f"median of {args.repeats} steps after warm-up" if args.repeats

@@ -79,6 +79,8 @@ def check_args(args: flags.FlagValues) -> list[str]:
     if len(set(names)) != len(names):
       raise ValueError("--kept_out would get two files of one name: "
                        f"{sorted(names)}; give files of distinct names.")
+    _cli.check_output_folder(args.kept_out, "kept_out")
+  _cli.check_output_folder(os.path.dirname(args.out) or ".", "out")
   return paths
 
 

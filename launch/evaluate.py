@@ -70,6 +70,8 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
                       "WORKDIR/evaluate).", flag_values=fv)
   _cli.parse_flags(fv, ["launch.evaluate", *argv], __doc__, passthrough=False,
                    required=("workdir", "inner_steps"))
+  if fv.out is not None:
+    _cli.check_output_folder(fv.out, "out")
   return fv
 
 

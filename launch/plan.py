@@ -79,6 +79,7 @@ from absl import flags
 from launch import _config
 from launch._cli import (
   UsageError,
+  check_output_folder,
   flag_value,
   one_line,
   parse_flags,
@@ -397,6 +398,7 @@ def _parse(argv: Sequence[str]):
   for name, low in (("max_steps", 1), ("max_probes", 0), ("host_devices", 0)):
     if fv[name].value < low:
       raise UsageError(f"--{name} must be >= {low}, got {fv[name].value}.")
+  check_output_folder(fv.out, "out")
   return fv, fv.config
 
 

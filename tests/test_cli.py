@@ -112,3 +112,26 @@ def test_data_rater_study_refuses_bad_values(argv, message, tmp_path, capsys):
   assert err.startswith("error: ") and err.count("\n") == 1, err
   assert message in err
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.subprocess
+def test_a_mesh_larger_than_the_devices_is_refused_before_compiling():
+  _assert_one_error_line(_run("launch.benchmark_lm", "--mesh=data=3"),
+                         "--mesh: mesh data=3 x fsdp=1 needs 3 devices")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("module, args", [
+    ("launch.evaluate", ["--workdir=runs/x", "--inner_steps=3"]),
+    ("launch.curate", ["--workdir=runs/x", f"--data_path={__file__}"]),
+])
+def test_an_output_that_cannot_be_written_is_refused_first(module, args,
+                                                           tmp_path):
+  """Before the run is read or anything is computed; nothing is created."""
+  (tmp_path / "file").write_text("not a folder")
+  out = tmp_path / "file" / "out"
+  if module == "launch.curate":
+    out = out / "scores.jsonl"
+  _assert_one_error_line(_run(module, *args, f"--out={out}"),
+                         "' is not a folder.")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

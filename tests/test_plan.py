@@ -221,3 +221,21 @@ def test_help_lists_the_tasks_and_a_tasks_config_keys(capsys):
     plan.main(["--task", "sinusoid_maml", "--help"])
   assert exit_info.value.code == 0
   assert "--config.task.num_shots=" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path,
+                                                                  capsys):
+  (tmp_path / "file").write_text("not a folder")
+  with pytest.raises(SystemExit) as exit_info:
+    plan.main(["--task", "sinusoid_maml", f"--out={tmp_path / 'file' / 'x'}"])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith("error: --out ")
+  assert "is not a folder." in captured.err and captured.err.count("\n") == 1
+  assert "compil" not in captured.out + captured.err  # refused before
+
+
+def test_the_output_folder_check_leaves_nothing_behind(tmp_path):
+  out = tmp_path / "a" / "b"
+  assert plan.main([*ARGS, f"--out={out}", "--searches="]) == 0
+  assert sorted(os.listdir(out)) == ["plan.json"]
