@@ -146,6 +146,7 @@ def help_text(flag_values: flags.FlagValues, doc: str,
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
                 doc: str, *, passthrough: bool = True,
                 required: Iterable[str] = (),
+                outputs: Iterable[str] = (),
                 help_extra: Optional[Callable[[], str]] = None) -> list[str]:
   """Parses a command's own flags into ``flag_values``.
 
@@ -160,6 +161,8 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
       pass on (a launcher's ``launch.train`` arguments); without it, every
       argument must be one of the command's flags.
     required: flags that must be given a value (not None, not empty).
+    outputs: flags naming an output folder (`check_output_folder`, when
+      given a value).
     help_extra: returns text appended to ``--help`` (called for it only).
 
   Returns:
@@ -167,8 +170,8 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
 
   Raises:
     UsageError: unknown flag, malformed or out-of-range value, missing
-      required flag, or an argument that is not a flag (before ``--`` with
-      ``passthrough``).
+      required flag, an output folder that cannot be written, or an
+      argument that is not a flag (before ``--`` with ``passthrough``).
   """
   if wants_help(argv):
     print(help_text(flag_values, doc, help_extra, required))
@@ -188,6 +191,9 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str],
   for name in required:
     if flag_values[name].value in (None, ""):
       raise UsageError(f"--{name} is required.")
+  for name in outputs:
+    if flag_values[name].value:
+      check_output_folder(flag_values[name].value, name)
   return after
 
 

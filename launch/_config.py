@@ -102,6 +102,23 @@ def load_config(path: str):
 
 
 
+def import_task_modules(argv: Sequence[str]) -> None:
+  """Imports the modules of ``--task_module`` (comma-separated), which
+  register their own tasks.
+
+  Raises:
+    UsageError: a module that cannot be imported.
+  """
+  from metaflow.task import import_module
+
+  try:
+    for module in (flag_value(argv, "task_module") or "").split(","):
+      if module.strip():
+        import_module(module.strip(), "--task_module")
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
 def prepare_argv(argv: Sequence[str]) -> list[str]:
   """Checks ``--task`` and the ``--config.*`` keys and adds the task's default
   ``--config`` file, so that absl parses the rest.
@@ -110,14 +127,12 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
     UsageError: missing or unknown task, missing config file, unknown key.
   """
   import tasks  # noqa: F401  (registers the built-in tasks)
-  from metaflow.task import import_module, import_task, registered_tasks
+  from metaflow.task import import_task, registered_tasks
 
   argv = list(argv)
   task = flag_value(argv, "task")
+  import_task_modules(argv)
   try:
-    for module in (flag_value(argv, "task_module") or "").split(","):
-      if module.strip():
-        import_module(module.strip(), "--task_module")
     if not task:
       raise UsageError("--task is required; registered tasks: "
                        f"{', '.join(registered_tasks())} (or "

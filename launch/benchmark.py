@@ -73,19 +73,13 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_string("out", "benchmark_results", "Folder for benchmark.json "
                       "and benchmark.png.", flag_values=fv)
   _cli.parse_flags(fv, ["launch.benchmark", *argv], __doc__,
-                   passthrough=False)
+                   passthrough=False, outputs=("out",))
   return check_common_args(fv)
 
 
 def check_common_args(fv: flags.FlagValues) -> flags.FlagValues:
-  """Checks ``--out``; puts ``standard`` first among the strategies (the
-  ratios are relative to it).
-
-  Raises:
-    UsageError: ``--out`` is a file.
-  """
-  if os.path.exists(fv.out) and not os.path.isdir(fv.out):
-    raise _cli.UsageError(f"--out {fv.out!r} exists and is not a folder.")
+  """Puts ``standard`` first among the strategies (the ratios are relative
+  to it)."""
   standard = metaflow.Strategy("standard")
   if standard not in fv.strategies:
     fv.strategies = [standard, *fv.strategies]

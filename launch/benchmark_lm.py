@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
                        "(sets XLA_FLAGS before JAX starts).", lower_bound=0,
                        flag_values=fv)
   _cli.parse_flags(fv, ["launch.benchmark_lm", *argv], __doc__,
-                   passthrough=False)
+                   passthrough=False, outputs=("out",))
   return check_common_args(fv)
 
 

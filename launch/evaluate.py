@@ -69,9 +69,7 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_string("out", None, "Output folder (default: "
                       "WORKDIR/evaluate).", flag_values=fv)
   _cli.parse_flags(fv, ["launch.evaluate", *argv], __doc__, passthrough=False,
-                   required=("workdir", "inner_steps"))
-  if fv.out is not None:
-    _cli.check_output_folder(fv.out, "out")
+                   required=("workdir", "inner_steps"), outputs=("out",))
   return fv
 
 

@@ -79,7 +79,6 @@ from absl import flags
 from launch import _config
 from launch._cli import (
   UsageError,
-  check_output_folder,
   flag_value,
   one_line,
   parse_flags,
@@ -384,11 +383,9 @@ def _parse(argv: Sequence[str]):
       "config", None, "ml_collections config file (default: "
       "launch/configs/<task>.py).", flag_values=fv, lock_config=True,
       sys_argv=argv)
-  try:
-    parse_flags(fv, argv, __doc__, passthrough=False, required=("task",),
-                help_extra=lambda: _config.task_help(flag_value(argv, "task")))
-  except flags.Error as e:
-    raise UsageError(one_line(e)) from None
+  parse_flags(fv, argv, __doc__, passthrough=False, required=("task",),
+              outputs=("out",),
+              help_extra=lambda: _config.task_help(flag_value(argv, "task")))
   unknown = sorted(set(fv.searches) - set(SEARCHES))
   if unknown:
     raise UsageError(f"unknown --searches {', '.join(unknown)}; expected some "
@@ -398,7 +395,6 @@ def _parse(argv: Sequence[str]):
   for name, low in (("max_steps", 1), ("max_probes", 0), ("host_devices", 0)):
     if fv[name].value < low:
       raise UsageError(f"--{name} must be >= {low}, got {fv[name].value}.")
-  check_output_folder(fv.out, "out")
   return fv, fv.config
 
 

@@ -52,6 +52,7 @@ from launch._config import (  # noqa: F401  (launch.train's public names)
   build,
   check_config,
   config_path,
+  import_task_modules,
   load_config,
   no_workdir_on_refusal,
   prepare_argv,
@@ -243,14 +244,7 @@ def print_help(argv: Sequence[str]) -> None:
   Raises:
     UsageError: an unknown ``--task`` or ``--task_module``.
   """
-  from metaflow.task import import_module
-
-  try:
-    for module in (flag_value(argv, "task_module") or "").split(","):
-      if module.strip():
-        import_module(module.strip(), "--task_module")
-  except ValueError as e:
-    raise UsageError(str(e)) from None
+  import_task_modules(argv)
   print(help_text(flags.FLAGS, __doc__ or "", names=_FLAG_NAMES,
                   extra=lambda: task_help(flag_value(argv, "task"))))
 

@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_integer("seed", 0, "Seed of the pool, the models and the "
                        "random subset.", lower_bound=0, flag_values=fv)
   _cli.parse_flags(fv, ["experiments.data_rater", *argv], __doc__,
-                   passthrough=False)
+                   passthrough=False, outputs=("out",))
   return fv  # --keep and --shakespeare: checked by `run`.
 
 

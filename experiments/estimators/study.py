@@ -317,7 +317,7 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_string("out", "study_results", "Output folder.",
                       flag_values=fv)
   _cli.parse_flags(fv, ["experiments.estimators", *argv], __doc__,
-                   passthrough=False)
+                   passthrough=False, outputs=("out",))
   return fv
 
 

@@ -452,9 +452,7 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
                        "the time sweep (median reported).", lower_bound=1,
                        flag_values=fv)
   _cli.parse_flags(fv, ["experiments.paper_sweep", *argv], __doc__,
-                   passthrough=False, required=("sweep",))
-  if os.path.exists(fv.out) and not os.path.isdir(fv.out):
-    raise _cli.UsageError(f"--out {fv.out!r} exists and is not a folder.")
+                   passthrough=False, required=("sweep",), outputs=("out",))
   return fv
 
 
