@@ -1,7 +1,8 @@
 """Memory and speed of every gradient strategy on the language-model tasks.
 
     python -m launch.benchmark_lm [--tasks lm_loss_weighting] [--preset tiny] \\
-        [--steps 4] [--batch 4] [--seq_len 512] [--repeats 5] [--out DIR]
+        [--steps 4] [--batch 4] [--seq_len 512] [--attention auto] \\
+        [--repeats 5] [--out DIR]
 
 For each task x T x B x L x strategy it builds the `BilevelTrainer` the
 command line would (meta-batch of one episode: T inner batches of B sequences
@@ -11,7 +12,10 @@ dynamic, see `metaflow.memory`) with the ratio standard/strategy; with
 ``--repeats N > 0`` also the median wall-clock time of N meta-gradients after
 warm-up and its ratio to standard's, measured in the same run. Memory needs
 shapes only, so large presets can be analysed without running them
-(``--repeats 0``). Writes ``benchmark_lm.json`` and ``benchmark_lm.png``.
+(``--repeats 0``), at any L up to the presets' 131072 (``--attention
+blockwise``, the default above 512 tokens, keeps the meta-gradient's memory
+linear in L; the batches are random bytes unless ``--data_path`` names
+text). Writes ``benchmark_lm.json`` and ``benchmark_lm.png``.
 An approximate strategy that a task's meta-parameters cannot use (implicit
 with learned learning rates, first_order with loss weights) is skipped with
 the reason; lm_maml gets iMAML's proximal term (``--proximal``) so that
@@ -34,6 +38,7 @@ step times) are ``python -m experiments.paper_sweep``.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Optional, Sequence
@@ -87,8 +92,19 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
                     "dtype (empty: the parameters').", flag_values=fv)
   flags.DEFINE_boolean("remat_blocks", False, "jax.checkpoint around each "
                        "transformer block.", flag_values=fv)
-  flags.DEFINE_string("data_path", "", "Text file(s) for the batches (empty: "
-                      "the embedded corpus).", flag_values=fv)
+  _cli.define_parsed("attention", "auto",
+                     _cli.names_in(lm_model.ATTENTION, "attention(s)"),
+                     "The transformer's attention, comma-separated to compare "
+                     "in one run: dense ([heads, L, L] scores), blockwise "
+                     "(metaflow.blockwise_attention: memory linear in L) or "
+                     f"auto (blockwise above {lm_model.BLOCKWISE_ABOVE} "
+                     "tokens).", fv, syntax="attention")
+  flags.DEFINE_integer("attention_block", 512, "Tokens per tile of blockwise "
+                       "attention.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("data_path", "synthetic", "Text file(s) for the batches "
+                      "(empty: the embedded corpus; synthetic: random bytes, "
+                      "any L: memory and time do not depend on the bytes).",
+                      flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "Timed meta-gradients per configuration "
                        "(0: memory only, nothing runs).", lower_bound=0,
                        flag_values=fv)
@@ -149,8 +165,9 @@ def measure(task: metaflow.Task, num_steps: int, strategy: metaflow.Strategy,
 
 def run(args: flags.FlagValues) -> list[dict]:
   rows = []
-  header = (f"{'task':18s} {'strategy':34s} {'T':>2s} {'B':>2s} {'L':>5s} "
-            f"{'temp MiB':>9s} {'static':>7s} {'dynamic':>8s} "
+  header = (f"{'task':18s} {'strategy':34s} {'T':>2s} {'B':>2s} {'L':>6s} "
+            f"{'attention':>9s} {'temp MiB':>9s} {'static':>7s} "
+            f"{'dynamic':>8s} "
             f"{'std/this':>8s} {'compile s':>9s} {'step ms':>8s} "
             f"{'time/std':>8s}")
   print(header)
@@ -158,16 +175,21 @@ def run(args: flags.FlagValues) -> list[dict]:
   for name in args.tasks:
     for num_steps in args.steps:
       for batch in args.batch:
-        for seq_len in args.seq_len:
+        for seq_len, attention in itertools.product(args.seq_len,
+                                                    args.attention):
           task = metaflow.create_task(
               name, preset=args.preset, seq_len=seq_len, batch_size=batch,
               compute_dtype=args.compute_dtype, data_path=args.data_path,
-              remat_blocks=args.remat_blocks,
+              remat_blocks=args.remat_blocks, attention=attention,
+              attention_block=args.attention_block,
               **({"proximal": args.proximal} if name == "lm_maml" else {}))
           setting = {"task": name, "preset": args.preset, "T": num_steps,
                      "B": batch, "L": seq_len,
                      "compute_dtype": args.compute_dtype or "params",
                      "remat_blocks": args.remat_blocks,
+                     "attention": ("blockwise" if task.model_config.blockwise(
+                         seq_len) else "dense"),
+                     "attention_block": args.attention_block,
                      "num_params": lm_model.num_params(task.model_config)}
           group = []
           for s in args.strategies:
@@ -188,7 +210,8 @@ def run(args: flags.FlagValues) -> list[dict]:
               step = r["step_s_median"] * 1e3
               time_ratio = r["time_ratio_vs_standard"]
             print(f"{name:18s} {r['strategy']:34s} {num_steps:2d} {batch:2d} "
-                  f"{seq_len:5d} {r['temp_bytes'] / _MIB:9.2f} "
+                  f"{seq_len:6d} {r['attention']:>9s} "
+                  f"{r['temp_bytes'] / _MIB:9.2f} "
                   f"{r['static_bytes'] / _MIB:7.2f} "
                   f"{r['dynamic_bytes'] / _MIB:8.2f} "
                   f"{r['memory_ratio_vs_standard']:7.2f}x "
@@ -210,20 +233,21 @@ def plot(rows: list[dict], plt):
   """Temp memory per strategy, one group of bars per setting (a pyplot
   figure)."""
   settings = list(dict.fromkeys(
-      (r["task"], r["T"], r["B"], r["L"]) for r in rows))
+      (r["task"], r["T"], r["B"], r["L"], r["attention"]) for r in rows))
   strategies = list(dict.fromkeys(r["strategy"] for r in rows))
   fig, ax = plt.subplots(figsize=(3 + 2.4 * len(settings), 4))
   width = 0.8 / len(strategies)
   for i, name in enumerate(strategies):
     values = [next((r["temp_bytes"] / _MIB for r in rows
                     if r["strategy"] == name
-                    and (r["task"], r["T"], r["B"], r["L"]) == s), 0)
+                    and (r["task"], r["T"], r["B"], r["L"],
+                         r["attention"]) == s), 0)
               for s in settings]
     ax.bar([j + i * width for j in range(len(settings))], values, width,
            label=name)
   ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
-  ax.set_xticklabels([f"{t}\nT={n} B={b} L={length}"
-                      for t, n, b, length in settings],
+  ax.set_xticklabels([f"{t}\nT={n} B={b} L={length}\n{attention}"
+                      for t, n, b, length, attention in settings],
                      fontsize=7)
   ax.set_ylabel("compiled temp memory (MiB)")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

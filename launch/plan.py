@@ -19,14 +19,19 @@ seconds each. What is measured, per device of the config's mesh:
    True)`: arguments + outputs + temporaries - aliased, the figure ``auto``
    compares with the budget), split into static (the stored carries) and
    dynamic. The verdict is the first that fits: what ``--strategy auto
-   --config.memory_budget=BUDGET`` chooses.
+   --config.memory_budget=BUDGET`` chooses (with segments, its schedule,
+   stored levels and recompute factor: the inner loop's forward passes per
+   meta-step, relative to none).
 2. With the candidate of the smallest total there (the "probe strategy"), the
    largest value that still fits of each of (``--searches``):
    ``num_inner_steps`` (T, up to ``--max_steps``), and for the language-model
    tasks ``seq_len`` (L, in steps of 8 from the config's, up to the preset's
-   max_length) and ``preset`` (the largest of `tasks.lm.model.PRESETS`, in
-   their order of size, from the config's, at its T, B and L), each other
-   setting as in the config. A search assumes memory grows with the value; it
+   max_length, 131072 for most: on random bytes, ``data_path=synthetic``,
+   since shapes do not depend on the text; with blockwise attention, the
+   default above 512 tokens, memory grows about linearly in L) and
+   ``preset`` (the largest of `tasks.lm.model.PRESETS`, in their order of
+   size, from the config's, at its T, B and L), each other setting as in the
+   config. A search assumes memory grows with the value; it
    interpolates between the figures compiled (memory is close to affine in T
    and in the parameter count) and stops when the next value up is known not
    to fit, or after ``--max_probes`` compiles (the answer is then a lower
@@ -46,8 +51,8 @@ search's result as it ends) and, as it goes, one progress line per compile
 on stderr (``launch.plan: [N] what: total bytes, fits or not, seconds``),
 and one per search started. Writes ``OUT/plan.json``: task, budget_bytes,
 config, search (its mode and probes), candidates (static, dynamic and total
-bytes per device and fits), choice, probe_strategy, largest (each with its
-total_bytes and the probes compiled) and compile_seconds.
+bytes per device, fits, recompute_factor), choice, probe_strategy, largest
+(each with its total_bytes and the probes compiled) and compile_seconds.
 
 The figures are XLA's buffer assignment for this backend. On XLA:CPU that is
 the compiler's plan for a CPU, not a measurement on an accelerator: a TPU or
@@ -473,18 +478,29 @@ def plan(argv: Sequence[str]) -> dict:
     leanest = min(rows, key=lambda r: r.memory.total_bytes)
     probe = leanest.strategy.name
     if choice:
-      chosen = next(r for r in rows if r.fits).memory.total_bytes
+      chosen = next(r for r in rows if r.fits)
+      recomputed = planner.recomputation(chosen.strategy, T)
       print(f"verdict: --strategy auto with a budget of {_fmt(budget)} "
-            f"chooses {choice} ({_fmt(chosen)} per device).")
+            f"chooses {choice} ({_fmt(chosen.memory.total_bytes)} per device"
+            + (f"; {recomputed}" if recomputed else "") + ").")
     else:
+      recomputed = planner.recomputation(leanest.strategy, T)
       print(f"verdict: nothing fits {_fmt(budget)} per device: the leanest, "
-            f"{probe}, needs {_fmt(leanest.memory.total_bytes)}; "
+            f"{probe}" + (f" ({recomputed})" if recomputed else "")
+            + f", needs {_fmt(leanest.memory.total_bytes)}; "
             f"{planner.fit_hint(T)}.", flush=True)
 
     # 2. The largest T, L and preset with the leanest strategy.
     def measure(name, value):
       change = {name: value}
       steps = change.pop("num_inner_steps", T)
+      if name == "seq_len":
+        # Shapes do not depend on the text, and no bundled text is long
+        # enough for the presets' longest sequences: random bytes.
+        from tasks.lm import text as lm_text
+        change.update(data_path=lm_text.SYNTHETIC)
+        if "target_path" in config.task:
+          change.update(target_path="")
 
       def compile_memory():
         t = build_trainer(task_name, config, mesh, probe, steps, **change)
@@ -533,7 +549,9 @@ def plan(argv: Sequence[str]) -> dict:
       "search": {"mode": fv.search, "max_probes": max_probes,
                  "top_first": top_first, "max_steps": fv.max_steps,
                  "searches": list(axes)},
-      "candidates": [r.as_dict() for r in rows],
+      "candidates": [{**r.as_dict(),
+                      "recompute_factor": r.strategy.recompute_factor(T)}
+                     for r in rows],
       "skipped": skipped, "choice": choice, "probe_strategy": probe,
       "largest": largest, "compile_seconds": clock.seconds,
       "compiles": clock.count, "wall_seconds": seconds,

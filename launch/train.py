@@ -70,7 +70,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard "
                     "event files. Resumed if it holds checkpoints.")
 flags.DEFINE_string("strategy", None, "Gradient strategy (overrides "
                     "config.strategy): standard | mixflow, +remat, "
-                    "+remat+saved_inner_grads, +segments=K|auto, "
+                    "+remat+saved_inner_grads, +segments=K|K1/K2/...|auto, "
                     "+microbatches=M; implicit | first_order; or auto (the "
                     "fastest exact one within --config.memory_budget).")
 flags.DEFINE_integer("inner_steps", None, "T (overrides config.inner_steps).")

@@ -13,7 +13,8 @@ meta-learned; eta is an `Eta`) and `BilevelTrainer` (the facade over the
 pure meta-step, evaluation, Orbax checkpoints, Grain data, clu metrics, on a
 device mesh of every device of every process: `metaflow.sharding`; offline,
 or with persistent inner learners that train across meta-steps:
-`metaflow.online`).
+`metaflow.online`). For long sequences, `blockwise_attention` keeps the
+meta-gradient's memory linear in the length.
 """
 
 import importlib
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 # The engine: jax, optax and flax only.
 from metaflow import (
+  attention,
   estimators,
   implicit,
   memory,
@@ -31,6 +33,7 @@ from metaflow import (
   segments,
   sharding,
 )
+from metaflow.attention import blockwise_attention
 from metaflow.estimators import (
   FirstOrder,
   Implicit,
@@ -154,6 +157,8 @@ __all__ = [
     "Task",
     "TrainState",
     "all_strategies",
+    "attention",
+    "blockwise_attention",
     "checkpoint",
     "compiled",
     "create_task",

@@ -44,8 +44,8 @@ def _abstract_args(layout: Layout):
 def static_bytes(program: Program, layout: Layout) -> int:
   """One device's share of the paper's static memory: what the estimator
   stores of each of its episodes' loops (`Strategy.static_bytes`: T
-  carries (theta, s), ceil(T/K) + K with segments, theta_T for implicit),
-  each carry the device's shard of it."""
+  carries (theta, s), ceil(T/K1) + ... + Kn with segments, theta_T for
+  implicit), each carry the device's shard of it."""
   eta = layout.state_shapes.eta
   theta0 = jax.eval_shape(program.spec.theta0, eta, layout.model_shapes.theta)
   inner_state = jax.eval_shape(

@@ -6,7 +6,8 @@ repeatable: it reports the buffer assignment XLA made, not a sample of a run.
 
 * static memory: the T copies of the inner-loop carry ``(theta, s)`` that the
   scan keeps for the backward pass (MixFlow-MG does not change it; sharding
-  does; segments of K steps keep ceil(T/K) + K, `Strategy.stored_carries`),
+  does; segments of K steps keep ceil(T/K) + K, nested ones ceil(T/K1) +
+  ceil(K1/K2) + ... + Kn, `Strategy.stored_carries`),
   and
 * dynamic memory: everything else, i.e. the working set of the inner and outer
   gradient computations, which is what MixFlow-MG reduces.

@@ -16,10 +16,17 @@ The order, and why:
 3. ``mixflow+microbatches=M`` for M = 2, 4, 8, 16 dividing every batch's
    leading axis: the same arithmetic in M smaller pieces, a little slower per
    piece as M grows.
-4. ``mixflow+remat+saved_inner_grads+segments=auto`` (only when T is long
-   enough for segments to store fewer carries, `Strategy.stored_carries`):
-   one more forward pass of the inner loop, about a third more work.
-5. The same with ``+microbatches=M``, M ascending: the leanest.
+4. ``mixflow+remat+saved_inner_grads+segments=...``, an explicit schedule
+   of `metaflow.segments` per number of levels (`segment_schedules`), in
+   the order of their recomputation: one level (K near sqrt T: one more
+   forward pass of the inner loop, about a third more work), then the
+   two-level schedule that stores the fewest carries (two more passes),
+   three levels, and the schedule that stores the fewest of all (``auto``'s,
+   about ln T levels); each only where it stores fewer carries than the one
+   before (`metaflow.segments.stored_carries`), at most `MAX_SCHEDULES`.
+   Each is followed by itself with ``+microbatches=M``, M ascending, before
+   the next level: a level is a whole forward pass more, micro-batches only
+   smaller pieces of the same work. The last is the leanest.
 
 Standard (reverse-over-reverse) strategies are not candidates: each needs
 more memory than its MixFlow-MG counterpart and is not faster. The
@@ -41,8 +48,13 @@ import dataclasses
 import re
 from typing import Callable, Sequence, Union
 
+from metaflow import segments
 from metaflow.estimators import Strategy
 from metaflow.memory import MemoryReport, format_bytes
+
+#: The most segment schedules among the candidates (each is compiled, with
+#: each micro-batch count, before ``auto`` goes further).
+MAX_SCHEDULES = 4
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9,
           "gb": 1e9, "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20,
@@ -74,16 +86,52 @@ def microbatch_options(batch_divisor: int) -> tuple[int, ...]:
   return tuple(m for m in (2, 4, 8, 16) if batch_divisor % m == 0)
 
 
+def segment_schedules(num_steps: int) -> tuple[tuple[int, ...], ...]:
+  """The segment schedules among the candidates for T = ``num_steps``,
+  fewest levels first: the least-memory schedule of 1, 2, 3, ... levels
+  up to the least-memory one of all (`metaflow.segments.schedule`), each
+  storing fewer carries than the one before (the first fewer than T), the
+  levels between the third and the last left out beyond `MAX_SCHEDULES`."""
+  best = segments.schedule(num_steps)
+  levels = list(range(1, len(best) + 1))
+  if len(levels) > MAX_SCHEDULES:
+    levels = levels[:MAX_SCHEDULES - 1] + levels[-1:]
+  chosen: list[tuple[int, ...]] = []
+  fewest = num_steps
+  for n in levels:
+    lengths = segments.schedule(num_steps, n)
+    stored = segments.stored_carries(num_steps, lengths)
+    if stored < fewest:
+      chosen.append(lengths)
+      fewest = stored
+  return tuple(chosen)
+
+
 def candidates(num_steps: int, batch_divisor: int) -> tuple[Strategy, ...]:
   """The exact strategies `choose` tries, fastest first (module docstring)."""
   ms = microbatch_options(batch_divisor)
   names = ["mixflow", "mixflow+remat+saved_inner_grads"]
   names += [f"mixflow+microbatches={m}" for m in ms]
-  segmented = "mixflow+remat+saved_inner_grads+segments=auto"
-  if Strategy.parse(segmented).stored_carries(num_steps) < num_steps:
+  for lengths in segment_schedules(num_steps):
+    segmented = ("mixflow+remat+saved_inner_grads+segments="
+                 + "/".join(map(str, lengths)))
     names.append(segmented)
     names += [f"{segmented}+microbatches={m}" for m in ms]
   return tuple(Strategy.parse(n) for n in names)
+
+
+def recomputation(strategy: Strategy, num_steps: int) -> str:
+  """What a strategy recomputes, for the verdicts: ``""`` without
+  segments, else e.g. ``"segments=64/8: 3 stored levels, 20 stored
+  carries of T=256, recompute factor 3"``."""
+  factor = strategy.recompute_factor(num_steps)
+  if factor == 1:
+    return ""
+  token = next(t for t in strategy.name.split("+")
+               if t.startswith("segments="))
+  return (f"{token}: {factor} stored levels, "
+          f"{strategy.stored_carries(num_steps)} stored carries of "
+          f"T={num_steps}, recompute factor {factor}")
 
 
 @dataclasses.dataclass(frozen=True)

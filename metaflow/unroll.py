@@ -260,8 +260,8 @@ class MetaGradient:
   def static_bytes(self, eta, theta0, inner_batches=None,
                    outer_batch=None) -> int:
     """The paper's static memory: what the estimator stores of the loop
-    (`Strategy.static_bytes`: T copies of ``(theta, s)``, ceil(T/K) + K
-    with segments, theta_T alone for implicit)."""
+    (`Strategy.static_bytes`: T copies of ``(theta, s)``, ceil(T/K1) + ...
+    + Kn with segments, theta_T alone for implicit)."""
     del inner_batches, outer_batch
     theta = self.init_params(eta) if self.init_params is not None else theta0
     return self.strategy.static_bytes(self.num_steps,

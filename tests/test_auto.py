@@ -7,7 +7,7 @@ import pytest
 
 import metaflow
 import tasks  # noqa: F401  (registers the built-in tasks)
-from metaflow import checkpoint, planner
+from metaflow import Strategy, checkpoint, planner
 from tests import problems as P
 
 T = 16  # long enough for segments to be a candidate
@@ -37,7 +37,7 @@ def test_auto(tmp_path):
   divisor = metaflow.compiled.batch_divisor(shapes.program, shapes.layout)
   assert [r.strategy for r in table] == list(planner.candidates(T, divisor))
   assert not any(r.fits for r in table)
-  segmented = [r for r in table if r.strategy.segment_length == "auto"]
+  segmented = [r for r in table if r.strategy.segment_length is not None]
   assert segmented and all(
       r.memory.static_bytes < table[0].memory.static_bytes for r in segmented)
   smallest = min(table, key=lambda r: r.memory.total_bytes)
@@ -79,6 +79,34 @@ def test_auto(tmp_path):
 def test_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _trainer(**kwargs)
+
+
+def test_candidates_order_segment_schedules_by_recomputation():
+  """Fastest first: without segments, then one level (K near sqrt T), the
+  least-memory 2- and 3-level schedules and the least-memory one of all,
+  each with its micro-batches before the next; each level stores fewer
+  carries than the one before; at most `MAX_SCHEDULES` schedules."""
+  assert planner.segment_schedules(5) == ()  # nothing stores fewer than T
+  assert planner.segment_schedules(16) == ((4,),)  # 2 levels: 8 too
+  assert planner.segment_schedules(256) == ((16,), (64, 8), (64, 16, 4))
+  long = planner.segment_schedules(16384)
+  assert long == ((128,), (783, 29), (1848, 168, 14),
+                  metaflow.segments.schedule(16384))
+  assert len(long) == planner.MAX_SCHEDULES
+  stored = [metaflow.segments.stored_carries(16384, s) for s in long]
+  assert stored == [256, 77, 46, 27]
+  names = [s.name for s in planner.candidates(256, 4)]
+  best = "mixflow+remat+saved_inner_grads"
+  assert names == [
+      "mixflow", best, "mixflow+microbatches=2", "mixflow+microbatches=4",
+      *(f"{best}+segments={k}{m}" for k in ("16", "64/8", "64/16/4")
+        for m in ("", "+microbatches=2", "+microbatches=4"))]
+  factors = [s.recompute_factor(256) for s in planner.candidates(256, 1)]
+  assert factors == [1, 1, 2, 3, 4]
+  assert planner.recomputation(Strategy.parse(names[-3]), 256) == (
+      "segments=64/16/4: 4 stored levels, 16 stored carries of T=256, "
+      "recompute factor 4")
+  assert planner.recomputation(Strategy.parse(best), 256) == ""
 
 
 def test_parse_bytes():

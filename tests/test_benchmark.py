@@ -99,6 +99,26 @@ def test_small_lm_benchmark_on_a_mesh(tmp_path, capsys):
   assert (out / "benchmark_lm.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_lm_benchmark_compares_attentions(tmp_path, capsys):
+  """--attention dense,blockwise: one row per attention and strategy, in one
+  run (shapes only), blockwise in tiles of --attention_block."""
+  from launch import benchmark_lm
+  out = tmp_path / "bench"
+  assert benchmark_lm.main(["--preset", "nano", "--steps", "1", "--batch",
+                            "1", "--seq_len", "40", "--attention",
+                            "dense,blockwise", "--attention_block", "16",
+                            "--strategies", "mixflow", "--repeats", "0",
+                            "--out", str(out)]) == 0
+  assert "blockwise" in capsys.readouterr().out
+  rows = json.loads((out / "benchmark_lm.json").read_text())["rows"]
+  assert [(r["attention"], r["strategy"]) for r in rows] == [
+      ("dense", "standard"), ("dense", "mixflow"), ("blockwise", "standard"),
+      ("blockwise", "mixflow")]
+  assert all(r["attention_block"] == 16 and r["temp_bytes"] > 0
+             for r in rows)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "sinusoid_maml"], "unknown task(s) sinusoid_maml"),
     (["--preset", "huge"], "--preset=huge: value should be one of"),
@@ -106,6 +126,7 @@ def test_small_lm_benchmark_on_a_mesh(tmp_path, capsys):
     (["--mesh", "data=2,model=4"], "mesh axes are data and fsdp"),
     (["--mesh", "2x4"], "expected data=D,fsdp=F"),
     (["--sweep", "paper"], "Unknown command line flag 'sweep'"),
+    (["--attention", "flash"], "unknown attention(s) flash"),
 ])
 def test_lm_benchmark_bad_arguments(argv, message, capsys):
   from launch import benchmark_lm

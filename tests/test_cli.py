@@ -19,8 +19,9 @@ RUNNERS = {
          "repeats", "out"), "--repeats=abc"),
     "launch.benchmark_lm": (
         ("tasks", "strategies", "proximal", "preset", "steps", "batch",
-         "seq_len", "compute_dtype", "remat_blocks", "data_path", "repeats",
-         "out", "mesh", "host_devices"), "--repeats=abc"),
+         "seq_len", "compute_dtype", "remat_blocks", "attention",
+         "attention_block", "data_path", "repeats", "out", "mesh",
+         "host_devices"), "--repeats=abc"),
     "launch.curate": (
         ("workdir", "data_path", "out", "keep", "kept_out", "batch_size",
          "step"), "--batch_size=abc"),
@@ -36,6 +37,12 @@ RUNNERS = {
         ("tasks", "steps", "cg_steps", "solve_steps", "solve_cg_steps",
          "train_steps", "meta_steps", "budget_s", "repeats", "out"),
         "--budget_s=abc"),
+    "experiments.long_context": (
+        ("sweep", "preset", "lengths", "length_strategies", "dense_max",
+         "horizons",
+         "horizon_seq_len",
+         "repeats", "out"),
+        "--repeats=abc"),
 }
 
 #: module -> (a command line missing a required flag, the flag).

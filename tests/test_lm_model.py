@@ -125,12 +125,20 @@ def test_presets():
     # Chinchilla's names count a ~32k-token vocabulary's embeddings too.
     millions = int(name.split("_")[1][:-1])
     assert 0.5 * millions * 1e6 < count < millions * 1e6, name
-    assert config.max_length == 8192 and config.vocab_size == 256
+    assert config.max_length == 131072 and config.vocab_size == 256
   assert lm_model.num_params(lm_model.preset("chinchilla_1143m")) >= 1e9
   config = lm_model.preset("tiny", remat=True, compute_dtype="bfloat16")
   assert config.remat and config.compute_dtype == "bfloat16"
   with pytest.raises(ValueError, match="chinchilla_57m"):
     lm_model.preset("chinchilla_58m")
+  assert not config.blockwise(lm_model.BLOCKWISE_ABOVE)
+  assert config.blockwise(lm_model.BLOCKWISE_ABOVE + 1)
+  assert lm_model.preset("tiny", attention="dense").blockwise(10**5) is False
+  assert lm_model.preset("tiny", attention="blockwise").blockwise(8)
+  with pytest.raises(ValueError, match="attention must be one of"):
+    lm_model.preset("tiny", attention="flash")
+  with pytest.raises(ValueError, match="attention_block"):
+    lm_model.preset("tiny", attention_block=0)
 
 
 @pytest.mark.parametrize("fields, match", [

@@ -3,11 +3,12 @@
 needs several times less compiled memory than standard on lm_loss_weighting,
 and bad input is one clear message.
 
-The quick tier (``-m "not slow"``) checks MixFlow-MG against standard on
-lm_loss_weighting (eta inside L, the most involved of the three) and the
-tasks' meta-parameters; every strategy on the three tasks, float32,
-meta-training, the memory ratio and resuming are slow (resuming and memory
-in general: test_resume, test_memory)."""
+The quick tier (``-m "not slow"``) checks the tasks' meta-parameters here
+and MixFlow-MG against standard on lm_loss_weighting (eta inside L, the most
+involved of the three) in test_attention (with blockwise attention against
+dense); MixFlow-MG with dense attention, every strategy on the three tasks,
+float32, meta-training, the memory ratio and resuming are slow (resuming
+and memory in general: test_resume, test_memory)."""
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +47,14 @@ def _assert_float64_exact(errors):
     assert grad_error < 1e-9, (strategy, grad_error)
 
 
+@pytest.mark.slow
 def test_mixflow_matches_standard_float64(x64):
-  """The quick tier's check: MixFlow-MG through the transformer
-  (lm_loss_weighting: eta inside L); every other exact strategy is checked
-  against standard on the small problems of test_exactness, and on the
-  language models by the slow test below."""
+  """MixFlow-MG through the transformer (lm_loss_weighting: eta inside L).
+  The quick tier's check of the same is test_attention's
+  test_transformer_meta_gradient_unchanged (MixFlow-MG with blockwise
+  attention against standard with dense); every other exact strategy is
+  checked against standard on the small problems of test_exactness, and on
+  the language models by the slow test below."""
   errors = _strategy_errors("lm_loss_weighting", ("standard", "mixflow"))
   assert set(errors) == {"mixflow"}
   _assert_float64_exact(errors)

@@ -335,3 +335,15 @@ def test_episodes_of_some_rows_read_only_those_rows():
                                     full[i]["outer"][[1, 2, 4]])
   with pytest.raises(ValueError, match="rows"):
     text.lm_episodes(corpus, "train", 0, T, B, rows=((4, 7),))
+
+
+def test_synthetic_bytes_for_any_length():
+  """data_path "synthetic": random bytes, enough for every part at lengths
+  no bundled text covers, the same in every process (seed 0)."""
+  corpus = text.TextCorpus(text.SYNTHETIC, seq_len=131072)
+  assert min(corpus.num_sequences(p) for p in text.PARTS) >= 1
+  first = corpus.sequence("train", 0)
+  assert first.shape == (131073,) and first.dtype == np.uint8
+  again = text.TextCorpus([text.SYNTHETIC], seq_len=131072)
+  np.testing.assert_array_equal(again.sequence("test", 0),
+                                corpus.sequence("test", 0))

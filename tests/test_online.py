@@ -107,10 +107,13 @@ def test_learners_are_staggered_carried_forward_and_replaced(population):
                                       expected.opt_state)) < 1e-12
 
 
-@pytest.mark.parametrize("strategy", ["standard", "mixflow"])
+@pytest.mark.parametrize("strategy", [
+    "standard", "mixflow",
+    pytest.param("mixflow+segments=2/1", marks=pytest.mark.slow)])
 def test_window_meta_gradient_is_the_engines(population, strategy):
   """The meta-gradient of a meta-step equals `meta_value_and_grad` called
-  with each learner's carried (theta, s), averaged over the learners."""
+  with each learner's carried (theta, s), averaged over the learners (with
+  nested segments too: the carried state enters the first segment)."""
   trainer, _, state, batch = population
   with jax.enable_x64(True):
     trainer = trainer.with_strategy(strategy)

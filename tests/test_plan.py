@@ -16,8 +16,9 @@ from metaflow.trainer import BilevelTrainer
 
 # sinusoid_maml compiles in seconds. At T=8 with 5 + 5 examples (no
 # microbatches divide 5) the candidates are mixflow, +remat+saved_inner_grads
-# and +segments=auto; 100 kB per device lies between the first two and the
-# last (about 110 and 90 kB), so the choice is not the first candidate.
+# and +remat+saved_inner_grads+segments=4 (one level; two levels store no
+# fewer than its 6 carries); 100 kB per device lies between the first two and
+# the last (about 111 and 98 kB), so the choice is not the first candidate.
 BUDGET = 100_000
 MAX_STEPS = 16
 TASK = ["--config.task.num_shots=5", "--config.task.num_query=5"]
@@ -180,6 +181,13 @@ def test_plan_prints_progress_as_it_compiles(tmp_path, capsys):
   # The limit is compiled first; the search's result is on stdout.
   assert compiles[len(rows)].startswith(
       f"launch.plan: [{len(rows) + 1}] num_inner_steps={MAX_STEPS}: ")
+  # The choice is segmented: the verdict states its schedule and cost.
+  assert [r["recompute_factor"] for r in rows] == [1, 1, 2]
+  assert result["choice"] == rows[2]["strategy"] == (
+      "mixflow+remat+saved_inner_grads+segments=4")
+  assert (f"chooses {result['choice']} (" in captured.out
+          and "segments=4: 2 stored levels, 6 stored carries of T=8, "
+          "recompute factor 2)." in captured.out)
   largest = result["largest"]["num_inner_steps"]
   assert len(largest["probes"]) - 1 <= 2
   assert f"largest num_inner_steps: {largest['value']}" in captured.out

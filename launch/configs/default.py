@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The task's own settings (fields of its Task dataclass), set per task.
   config.task = ml_collections.ConfigDict()
   # Gradient strategy: standard | mixflow, optionally
-  # +remat[+saved_inner_grads], +segments=K|auto, +microbatches=M (exact);
+  # +remat[+saved_inner_grads], +segments=K|K1/K2/...|auto, +microbatches=M
+  # (exact; segments=auto: the schedule storing the fewest carries);
   # implicit | first_order (approximate; implicit with a learned initialisation
   # needs --config.task.proximal > 0); auto: the fastest exact one whose
   # meta-step fits memory_budget per device (metaflow.planner).

@@ -22,6 +22,9 @@ def get_config():
                                       # learned)
   config.task.compute_dtype = ""      # "" (= parameters' dtype) or "bfloat16"
   config.task.remat_blocks = False    # jax.checkpoint around each block
+  config.task.attention = "auto"      # dense | blockwise (memory linear in L)
+                                      # | auto (blockwise above 512 tokens)
+  config.task.attention_block = 512   # tokens per tile of blockwise attention
   config.task.strict_utf8 = False     # refuse non-UTF-8 files (default: warn)
   config.inner_steps = 4              # T
   config.meta_batch_size = 1          # episodes per meta-step (each: T x B + B)

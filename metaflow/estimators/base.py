@@ -20,7 +20,8 @@ estimators asks which estimator it has:
   estimators that do not differentiate through it at all (implicit
   differentiation);
 * `outer_value`: how V is evaluated (in chunks, with micro-batches);
-* `stored_carries` / `static_bytes`: the static memory it keeps;
+* `stored_carries` / `static_bytes`: the static memory it keeps, and
+  `recompute_factor`: the forward passes of the loop that costs;
 * `check_meta_params`: refusals, before anything is compiled, of the
   meta-parameters whose meta-gradient it cannot see.
 
@@ -62,15 +63,16 @@ Step = Callable[[PyTree, PyTree], tuple[PyTree, jax.Array]]
 Loop = Callable[..., Any]
 
 #: The options a strategy string may add, for error messages.
-OPTIONS_HELP = ("each exact one optionally +segments=K (or +segments=auto) "
-                "and/or +microbatches=M")
+OPTIONS_HELP = ("each exact one optionally +segments=K (or K1/K2/..., or "
+                "auto) and/or +microbatches=M")
 
 
 class Option(NamedTuple):
   """One ``+token`` of a strategy string and the field it sets.
 
   ``kind``: ``"flag"`` (``+remat``: True), ``"count"`` (``+microbatches=4``:
-  an int >= 1) or ``"count_or_auto"`` (``+segments=4`` or ``+segments=auto``).
+  an int >= 1) or ``"lengths_or_auto"`` (``+segments=4``, ``+segments=64/8``:
+  the tuple ``(64, 8)`` of decreasing ints, or ``+segments=auto``).
   """
   token: str
   field: str
@@ -141,6 +143,12 @@ class Strategy(metaclass=_FromMode):
     peak: T by default."""
     return num_steps
 
+  def recompute_factor(self, num_steps: int) -> int:
+    """Forward passes of the inner loop per meta-step, relative to the
+    loop without segments: 1 by default (each level of segments adds one)."""
+    del num_steps
+    return 1
+
   def static_bytes(self, num_steps: int, carry_bytes: int,
                    theta_bytes: int) -> int:
     """The paper's static memory, given one carry's bytes and theta's:
@@ -168,8 +176,9 @@ class Strategy(metaclass=_FromMode):
 
   @property
   def name(self) -> str:
-    """The canonical string, e.g. ``"mixflow+remat+segments=auto"``
-    (options at their defaults are left out)."""
+    """The canonical string, e.g. ``"mixflow+remat+segments=64/8"``
+    (options at their defaults are left out; nested lengths joined by
+    ``/``)."""
     parts = [self.mode]
     defaults = _defaults(type(self))
     for option in self.string_options:
@@ -177,7 +186,9 @@ class Strategy(metaclass=_FromMode):
       if option.kind == "flag" and value:
         parts.append(option.token)
       elif option.kind != "flag" and value != defaults[option.field]:
-        parts.append(f"{option.token}={value}")
+        text = ("/".join(map(str, value)) if isinstance(value, tuple)
+                else value)
+        parts.append(f"{option.token}={text}")
     return "+".join(parts)
 
   @property
@@ -319,16 +330,28 @@ def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
   for token, option in chosen.items():
     if option.kind == "flag":
       fields[option.field] = True
-    elif option.kind == "count_or_auto" and text[token] == "auto":
+    elif option.kind == "lengths_or_auto" and text[token] == "auto":
       fields[option.field] = "auto"
-    elif text[token].isdigit() and int(text[token]) >= 1:
-      fields[option.field] = int(text[token])
+    elif (counts := _counts(text[token], option.kind)) is not None:
+      fields[option.field] = counts
     else:
-      what = ("an int >= 1 or 'auto'" if option.kind == "count_or_auto"
-              else "an int >= 1")
+      what = ("an int >= 1, K1/K2/... with K1 > K2 > ... >= 1, or 'auto'"
+              if option.kind == "lengths_or_auto" else "an int >= 1")
       raise ValueError(f"Strategy {spec!r}: {token}= must be {what}, got "
                        f"{text[token]!r}. Valid strategies: {_valid()}.")
   return mode, fields
+
+
+def _counts(text: str, kind: str) -> Union[None, int, tuple[int, ...]]:
+  """``"4" -> 4``; with ``kind`` ``"lengths_or_auto"`` also ``"64/8" ->
+  (64, 8)`` (decreasing); None for anything else."""
+  parts = text.split("/") if kind == "lengths_or_auto" else [text]
+  if not all(p.isdigit() and int(p) >= 1 for p in parts):
+    return None
+  counts = tuple(int(p) for p in parts)
+  if any(a <= b for a, b in zip(counts, counts[1:])):
+    return None
+  return counts[0] if len(counts) == 1 else counts
 
 
 def exact_strategy_names() -> tuple[str, ...]:

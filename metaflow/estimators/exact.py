@@ -11,10 +11,14 @@ result:
 * ``save_inner_grads`` (``+saved_inner_grads``): under ``remat``, g_t kept
   as a named residual (`INNER_GRAD_NAME`) so the backward pass does not
   recompute the inner gradient.
-* ``segment_length`` (``+segments=K``, ``+segments=auto``: K = round(sqrt
-  T)): the carry ``(theta, s)`` stored only every K steps, each segment
-  recomputed in the backward pass (`metaflow.segments`): ceil(T/K) + K
-  stored carries instead of T, for one more forward pass.
+* ``segment_length`` (``+segments=K``, ``+segments=K1/K2/...``,
+  ``+segments=auto``): the carry ``(theta, s)`` stored only every K steps,
+  each segment recomputed in the backward pass (`metaflow.segments`):
+  ceil(T/K) + K stored carries instead of T, for one more forward pass;
+  nested, segments of K1 cut into pieces of K2, ...: ceil(T/K1) +
+  ceil(K1/K2) + ... + Kn carries for n more forward passes; ``auto``: the
+  schedule that stores the fewest (`metaflow.segments.schedule`: about
+  e ln T carries, for about ln T forward passes; none for T <= 5).
 * ``microbatches`` (``+microbatches=M``): L, g_t, MixFlow-MG's JVP and V
   evaluated in M chunks of every batch's leading axis and accumulated
   (`metaflow.microbatch`): dynamic memory about 1/M, the same arithmetic.
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Union
 
 import jax
@@ -64,22 +67,24 @@ class Exact(Strategy):
     remat: rematerialise each inner step in the backward pass.
     save_inner_grads: with ``remat``, store each g_t instead of recomputing
       it. Requires ``remat``.
-    segment_length: None (store every carry), an int K >= 1, or ``"auto"``
-      (K = round(sqrt T), `segment_length_for`).
+    segment_length: None (store every carry), an int K >= 1, decreasing
+      ints ``(K1, K2, ...)`` with K1 > K2 > ... >= 1 (nested segments; a
+      list is made a tuple, one length an int), or ``"auto"`` (the fewest
+      stored carries for T, `segment_length_for`).
     microbatches: M >= 1 chunks of every inner and outer batch's leading
       axis (which M must divide).
   """
 
   remat: bool = False
   save_inner_grads: bool = False
-  segment_length: Union[None, int, str] = None
+  segment_length: Union[None, int, str, tuple[int, ...]] = None
   microbatches: int = 1
 
   exact: ClassVar[bool] = True
   string_options: ClassVar[tuple[Option, ...]] = (
       Option("remat", "remat", "flag"),
       Option("saved_inner_grads", "save_inner_grads", "flag"),
-      Option("segments", "segment_length", "count_or_auto"),
+      Option("segments", "segment_length", "lengths_or_auto"),
       Option("microbatches", "microbatches", "count"))
   #: Whether the rule's per-chunk gradient is rematerialised under
   #: micro-batches (a plain gradient's reverse pass would otherwise keep
@@ -99,11 +104,21 @@ class Exact(Strategy):
           "remat=True: without remat every residual, g_t included, is "
           "already stored). Valid strategy strings: "
           f"{', '.join(valid_strategy_names())}.")
-    k = self.segment_length
-    if k is not None and k != "auto" and (
-        isinstance(k, bool) or not isinstance(k, int) or k < 1):
-      raise ValueError(f"{kind}.segment_length must be None, an int >= 1 or "
-                       f"'auto', got {k!r}.")
+    k = given = self.segment_length
+    if isinstance(k, (tuple, list)):
+      k = k[0] if len(k) == 1 else tuple(k)
+      object.__setattr__(self, "segment_length", k)
+    valid = k is None or k == "auto"
+    if k is not None and not isinstance(k, str):
+      try:
+        valid = bool(segments.check_lengths(k))
+      except ValueError:
+        pass
+    if not valid:
+      raise ValueError(
+          f"{kind}.segment_length must be None, an int >= 1, 'auto' or "
+          "decreasing ints (K1, K2, ...) with K1 > K2 > ... >= 1, got "
+          f"{given!r}.")
     object.__setattr__(self, "microbatches",
                        check_int(f"{kind}.microbatches", self.microbatches))
 
@@ -146,23 +161,31 @@ class Exact(Strategy):
     return microbatch.mean_over_chunks(outer_loss, self.microbatches,
                                        "outer batch", remat=True)
 
-  def segment_length_for(self, num_steps: int) -> Optional[int]:
-    """K for a loop of T = ``num_steps`` steps: None (no segments), else
-    ``segment_length`` (``"auto"``: round(sqrt T), at least 1) capped at T."""
+  def segment_length_for(self, num_steps: int
+                         ) -> Union[None, int, tuple[int, ...]]:
+    """The segment lengths of a loop of T = ``num_steps`` steps: None (no
+    segments), K (one level) or ``(K1, K2, ...)``: ``segment_length``
+    (``"auto"``: `metaflow.segments.schedule`, the fewest stored carries,
+    None where no segments store fewer than T), each capped at the piece it
+    cuts (`metaflow.segments.capped`)."""
     k = self.segment_length
-    if k is None:
+    if isinstance(k, str):  # "auto"
+      k = segments.schedule(num_steps)
+    if k is None or k == ():
       return None
-    if k == "auto":
-      k = max(1, round(math.sqrt(num_steps)))
-    return min(int(k), num_steps)
+    lengths = segments.capped(num_steps, k)
+    return lengths[0] if len(lengths) == 1 else lengths
 
   def stored_carries(self, num_steps: int) -> int:
-    """T unrolled; ceil(T/K) segment boundaries + the K of the segment
-    being recomputed with segments."""
-    k = self.segment_length_for(num_steps)
-    if k is None:
-      return num_steps
-    return -(-num_steps // k) + k
+    """T unrolled; with segments the boundaries of one piece of each level
+    at the peak: ceil(T/K1) + ceil(K1/K2) + ... + Kn
+    (`metaflow.segments.stored_carries`)."""
+    return segments.stored_carries(num_steps,
+                                   self.segment_length_for(num_steps) or ())
+
+  def recompute_factor(self, num_steps: int) -> int:
+    """1 + the levels of segments (`metaflow.segments.recompute_factor`)."""
+    return segments.recompute_factor(self.segment_length_for(num_steps) or ())
 
   def check_meta_params(self, spec: "MetaParams",
                         outer_reads: Optional[Callable[[str], bool]] = None

@@ -73,7 +73,9 @@ class LanguageModelTask(Task):
 
   Attributes:
     data_path: text file(s), comma-separated; "" for the embedded corpus
-      (Python's documentation topics, no download).
+      (Python's documentation topics, no download); "synthetic" for
+      random bytes of any length (memory and speed only,
+      `tasks.lm.text.SYNTHETIC`).
     preset: model size, a name of `tasks.lm.model.PRESETS`.
     seq_len: bytes per sequence L (the model sees L inputs, predicts L).
     batch_size: B, sequences per inner step and in the outer batch.
@@ -81,6 +83,11 @@ class LanguageModelTask(Task):
     compute_dtype: "" (the parameters' dtype) or "bfloat16".
     remat_blocks: rematerialise each transformer block (`jax.checkpoint`
       around the scanned block).
+    attention: "dense", "blockwise" (`metaflow.blockwise_attention`, memory
+      linear in L) or "auto" (blockwise above
+      `tasks.lm.model.BLOCKWISE_ABOVE` tokens), for every transformer of
+      the task.
+    attention_block: tokens per tile of blockwise attention.
     strict_utf8: refuse a file that is not valid UTF-8 (by default its bytes
       are used as they are, with a warning).
     resample_init: a fresh model initialisation theta0 at every meta-step
@@ -99,6 +106,8 @@ class LanguageModelTask(Task):
   inner_lr: float = 3e-3
   compute_dtype: str = ""
   remat_blocks: bool = False
+  attention: str = "auto"
+  attention_block: int = 512
   strict_utf8: bool = False
   resample_init: bool = False
 
@@ -118,7 +127,8 @@ class LanguageModelTask(Task):
   def model_config(self) -> lm_model.TransformerConfig:
     return lm_model.preset(self.preset,
                            compute_dtype=self.compute_dtype or None,
-                           remat=self.remat_blocks)
+                           remat=self.remat_blocks, attention=self.attention,
+                           attention_block=self.attention_block)
 
   @functools.cached_property
   def corpus(self) -> text.TextCorpus:
@@ -331,7 +341,9 @@ class DataRaterLM(LanguageModelTask):
   @functools.cached_property
   def rater_config(self) -> lm_model.TransformerConfig:
     return lm_model.preset(self.rater_preset,
-                           compute_dtype=self.compute_dtype or None)
+                           compute_dtype=self.compute_dtype or None,
+                           attention=self.attention,
+                           attention_block=self.attention_block)
 
   @functools.cached_property
   def target_corpus(self) -> Optional[text.TextCorpus]:

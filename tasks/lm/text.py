@@ -5,7 +5,8 @@ file, no download). A `TextCorpus` is one or more text files, memory-mapped
 lazily in each process (a pickled corpus, as Grain worker processes receive
 it, holds only paths and sizes), or by default the embedded text of Python's
 documentation topics (`embedded_text`, ``pydoc_data.topics``, about 466 KB,
-shipped with every CPython).
+shipped with every CPython). The path `SYNTHETIC` (``"synthetic"``) is random
+bytes for benchmarks at lengths the embedded text is too short for.
 
 Each document (a file, or the whole embedded text) is cut into consecutive,
 non-overlapping sequences of ``seq_len + 1`` bytes (inputs plus next-byte
@@ -59,6 +60,13 @@ OUTER_PARTS = {"train": "outer", "validation": "validation", "test": "test"}
 
 #: Name of the embedded corpus in messages.
 EMBEDDED_NAME = "embedded corpus (pydoc_data.topics)"
+
+#: A path that names no file but uniform random bytes, generated (seed 0),
+#: enough for 20 sequences of any length: for measuring memory and speed at
+#: lengths no bundled text covers (the figures do not depend on the bytes;
+#: there is nothing to learn in them). ``./synthetic`` names a file.
+SYNTHETIC = "synthetic"
+_SYNTHETIC_SEQUENCES = 20
 
 _CHUNK_BYTES = 1 << 20
 
@@ -219,6 +227,8 @@ class TextCorpus:
   # ------------------------------------------------------------- checks
   def _name(self, doc: int) -> str:
     path = self.paths[doc]
+    if path == SYNTHETIC:
+      return "synthetic random bytes"
     return EMBEDDED_NAME if path is None else f"text file {path!r}"
 
   def _describe(self) -> str:
@@ -230,6 +240,8 @@ class TextCorpus:
   def _check_document(self, path: Optional[str]) -> int:
     """Checks one document; returns its size in bytes."""
     width = self.seq_len + 1
+    if path == SYNTHETIC:
+      return max(_SYNTHETIC_SEQUENCES * width, _CHUNK_BYTES)
     if path is None:
       size = len(embedded_text())
       if size < width:
@@ -264,7 +276,7 @@ class TextCorpus:
   def _check_duplicates(self):
     seen = {}
     for path in self.paths:
-      if path is None:
+      if path is None or path == SYNTHETIC:
         continue
       key = os.path.realpath(path)
       if key in seen:
@@ -290,6 +302,9 @@ class TextCorpus:
       path = self.paths[doc]
       if path is None:
         array = np.frombuffer(embedded_text(), dtype=np.uint8)
+      elif path == SYNTHETIC:
+        array = np.random.default_rng(0).integers(
+            0, VOCAB_SIZE, self.sizes[doc], dtype=np.uint8)
       else:
         array = np.memmap(path, dtype=np.uint8, mode="r")
       if array.shape[0] != self.sizes[doc]:
