@@ -82,7 +82,8 @@ def _errors(derivative: int) -> dict:
   return {case: float(e) for case, e in errors.items()}
 
 
-@pytest.mark.parametrize("derivative", range(4), ids=[
+@pytest.mark.parametrize("derivative", [
+    0, 1, 2, pytest.param(3, marks=pytest.mark.slow)], ids=[
     "values", "grad", "forward_over_reverse", "reverse_over_reverse"])
 def test_equals_dense_float64(derivative):
   """Causal and not, lengths that are (8) and are not (11, 6 x 13) multiples
@@ -146,6 +147,7 @@ def test_bad_input_is_one_line(bad, match):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_transformer_meta_gradient_unchanged(x64):
   """lm_loss_weighting on the tiny preset, L = 20 in blocks of 8 (ragged):
   standard and MixFlow-MG with blockwise attention against standard with

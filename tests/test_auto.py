@@ -20,6 +20,7 @@ def _trainer(strategy, **kwargs):
       mesh=P.ONE_DEVICE, **kwargs)
 
 
+@pytest.mark.slow
 def test_auto(tmp_path):
   """One test (the candidates' compiles are shared; split, each pytest-xdist
   worker would compile them again):

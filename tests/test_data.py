@@ -43,6 +43,7 @@ def test_iterator_state_round_trip():
   np.testing.assert_array_equal(next(it2)["query"]["y"], expected["query"]["y"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_state():
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   episodes = data.episodes(SAMPLER, 0, "train")

@@ -60,6 +60,7 @@ def test_first_order_matches_stop_gradient_reference(kind, opt_name, num_steps,
     assert P.tree_rel_error(grads, exact) > 1e-6
 
 
+@pytest.mark.slow
 def test_first_order_in_the_trainer(x64):
   """Learned initialisation and per-step learning rates together."""
   task = Regression(learn_init=True, lr="per_step")
@@ -111,7 +112,9 @@ def _ridge(lam, num_steps, weights=False, seed=0):
   return (inner_loss, outer_loss, eta, inner, {"x": xv, "y": yv}, solution)
 
 
-@pytest.mark.parametrize("weights", [False, True], ids=["init", "init+weights"])
+@pytest.mark.parametrize("weights", [
+    False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["init", "init+weights"])
 def test_implicit_ridge_matches_dense_solve_and_unrolled(weights, x64):
   lam, num_steps = 0.5, 400
   inner_loss, outer_loss, eta, inner, outer, solution = _ridge(

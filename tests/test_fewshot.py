@@ -423,6 +423,7 @@ def test_meta_training_beats_random_init_on_unseen_classes():
   assert result.final_eval["outer_loss"] < result.initial_eval["outer_loss"]
 
 
+@pytest.mark.slow
 def test_every_exact_strategy_matches_standard(x64):
   """float64, the small network of the command-line runs (conv blocks with
   batch statistics): every exact strategy's value and meta-gradient equal

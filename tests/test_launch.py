@@ -42,10 +42,10 @@ def test_built_in_tasks_are_registered():
 # (test_every_exact_strategy_matches_standard, in process).
 COMMAND_LINE_RUNS = [
     ("sinusoid_maml", "implicit", ["--config.task.proximal=1.0"]),
-    pytest.param("fewshot_classification", "mixflow+remat+saved_inner_grads",
-                 [], marks=pytest.mark.slow)]
+    ("fewshot_classification", "mixflow+remat+saved_inner_grads", [])]
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("task,strategy,extra", COMMAND_LINE_RUNS)
 def test_each_task_from_the_command_line(task, strategy, extra, tmp_path):

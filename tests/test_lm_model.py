@@ -234,6 +234,7 @@ def test_forward_over_reverse_float64(x64):
   assert P.tree_rel_error(hvp, finite) < 1e-8
 
 
+@pytest.mark.slow
 def test_merge_inside_jit_vmap_grad_and_scan(nano):
   graphdef, theta, rest = nano
   batches = _tokens((2, 3, 2, 9))  # [models, T, B, L+1]

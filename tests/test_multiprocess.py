@@ -104,6 +104,7 @@ def test_two_processes_equal_one(two_processes, tmp_path):
   np.testing.assert_array_equal(two["rng"], one["rng"])
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(two_processes,
                                                        tmp_path):
   workdir, _ = two_processes

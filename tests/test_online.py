@@ -108,7 +108,7 @@ def test_learners_are_staggered_carried_forward_and_replaced(population):
 
 
 @pytest.mark.parametrize("strategy", [
-    "standard", "mixflow",
+    pytest.param("standard", marks=pytest.mark.slow), "mixflow",
     pytest.param("mixflow+segments=2/1", marks=pytest.mark.slow)])
 def test_window_meta_gradient_is_the_engines(population, strategy):
   """The meta-gradient of a meta-step equals `meta_value_and_grad` called
@@ -139,6 +139,7 @@ def test_window_meta_gradient_is_the_engines(population, strategy):
   assert P.tree_rel_error(fresh, mean) > 1e-3
 
 
+@pytest.mark.slow
 def test_every_strategy_runs_online(x64):
   """Loss weights (which every estimator sees) from carried learners: the
   exact strategies equal standard; implicit and first_order give finite,

@@ -152,6 +152,7 @@ def test_default_search_is_the_bounded_one():
   assert fv.search == "quick" and fv.max_probes == 5
 
 
+@pytest.mark.slow
 def test_plan_prints_progress_as_it_compiles(tmp_path, capsys):
   assert plan.main([*ARGS, f"--out={tmp_path}"]) == 0  # --search quick
   captured = capsys.readouterr()

@@ -107,6 +107,7 @@ class InitialRate(Resampled):
         LearnedLearningRates(self.initial_lr, "tensor")))
 
 
+@pytest.mark.slow
 def test_python_resume_refuses_every_changed_setting(tmp_path, monkeypatch):
   """From Python as from the command line: a checkpoint written with other
   task settings, T, meta-batch size, meta-parameters, estimator class or

@@ -40,7 +40,8 @@ def _relative_errors(problem, num_steps, baseline, variants):
 
 
 @pytest.mark.parametrize("num_steps", [
-    1, 7, pytest.param(16, marks=pytest.mark.slow)])
+    1, pytest.param(7, marks=pytest.mark.slow),
+    pytest.param(16, marks=pytest.mark.slow)])
 def test_segments_exact(num_steps, x64):
   """T in 1, 7, 16 x K in 1, 3, 4, 16 (and auto) x standard, mixflow: a
   last partial segment when K does not divide T; K >= T is one segment."""
@@ -51,8 +52,8 @@ def test_segments_exact(num_steps, x64):
     assert max(errors.values()) < TOL, errors
 
 
-@pytest.mark.parametrize("mode", [
-    "mixflow", pytest.param("standard", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mixflow", "standard"])
 def test_nested_segments_exact(mode, x64):
   """T = 50 cut by two and three levels whose lengths divide neither T nor
   each other (ragged pieces at every level), alone and with +remat,
@@ -67,7 +68,8 @@ def test_nested_segments_exact(mode, x64):
   assert max(errors.values()) < TOL, errors
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", [P.KINDS[0], *(
+    pytest.param(kind, marks=pytest.mark.slow) for kind in P.KINDS[1:])])
 def test_microbatches_exact(kind, x64):
   """M in 1, 2, 4 (inner batch 4, outer batch 8) x standard, mixflow, for a
   learned initialisation, learned learning rates and loss weights."""
@@ -147,6 +149,7 @@ def test_segments_lower_static_memory():
   assert seg.temp_bytes < 0.5 * plain.temp_bytes, (seg, plain)
 
 
+@pytest.mark.slow
 def test_nested_segments_memory_is_predicted():
   """T = 256, inner Adam on a wide MLP: a nested schedule's compiled total
   is its exact `stored_carries` x one carry + the dynamic part (total -

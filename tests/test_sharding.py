@@ -164,6 +164,7 @@ def test_episodes_are_laid_out_one_per_device(episodic_trainers):
                                   batch["support"]["x"][shard.index])
 
 
+@pytest.mark.slow
 def test_episodes_split_over_devices_are_exact(episodic_trainers, x64):
   """The meta-gradient of 8 different episodes, one per device, equals the
   Python-loop reference and the one-device trainer (float64)."""
@@ -182,6 +183,7 @@ def test_episodes_split_over_devices_are_exact(episodic_trainers, x64):
   assert P.tree_rel_error(per_episode[0], per_episode[1]) > 0.1
 
 
+@pytest.mark.slow
 def test_fit_and_evaluate_on_the_mesh(episodic_trainers, x64):
   results = {name: t.fit(3, console=False)
              for name, t in episodic_trainers.items()}

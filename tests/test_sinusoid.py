@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import optax
+import pytest
 
 from metaflow.task import create_task
 from metaflow.trainer import BilevelTrainer
@@ -40,6 +41,7 @@ def test_every_exact_strategy_matches_standard(x64):
     assert grad_error < 1e-9, (strategy, grad_error)
 
 
+@pytest.mark.slow
 def test_maml_halves_post_adaptation_mse():
   trainer = BilevelTrainer(create_task("sinusoid_maml"), num_inner_steps=5,
                            meta_batch_size=25, num_eval_tasks=100,

@@ -94,6 +94,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, clean):
                          reference.opt_state.inner_state)
 
 
+@pytest.mark.slow
 def test_consecutive_skips_stop_the_run_with_a_finite_checkpoint(tmp_path,
                                                                  clean):
   trainer = make_trainer(poisoned_steps=tuple(range(3, 40)))

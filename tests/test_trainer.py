@@ -135,7 +135,10 @@ def _check_exact(task, strategy, num_steps=3):
                             getattr(grads, kind)) > 0
 
 
-@pytest.mark.parametrize("strategy", metaflow.exact_strategy_names())
+@pytest.mark.parametrize("strategy", [
+    pytest.param(name, marks=pytest.mark.slow) if name.startswith(
+        "standard+")
+    else name for name in metaflow.exact_strategy_names()])
 def test_all_kinds_exact_every_strategy(strategy, x64):
   task = Regression(learn_init=True, lr="per_step", loss_weights=True,
                     weight_decay=True)
@@ -315,6 +318,7 @@ def test_non_trainable_state_is_an_argument():
       eta, next(trainer.train_batches()))[0], a, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_every_estimator_with_non_trainable_state(x64):
   """The rules of every estimator take the model's non-trainable state
   (an argument of the jitted step, closed over by L): the exact ones agree,
@@ -460,6 +464,7 @@ def test_episodes_the_task_cannot_split_or_stack():
       f"{SHOTS}, {IN}) from episode 0 of split 'train'.")
 
 
+@pytest.mark.slow
 def test_with_strategy_compiles_each_strategy_once(x64):
   """A trainer with another estimator is a new value: each strategy's
   meta-gradient is compiled once (switching back compiles nothing), and

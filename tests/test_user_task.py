@@ -87,6 +87,7 @@ def _train(args, folder):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_user_task_trains_and_resumes(tmp_path, user_module):
   name, folder = user_module
   args = [f"--task={name}:LineTask", f"--workdir={tmp_path / 'run'}",
