@@ -73,29 +73,6 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   return fv
 
 
-def saved_run(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
-  """``(step, fingerprint)`` of a run's checkpoint (the latest by default):
-  the config `metaflow.checkpoint` recorded with it."""
-  import orbax.checkpoint as ocp
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ (is it a "
-                            "launch.train --workdir?).")
-  manager = ocp.CheckpointManager(directory)
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no checkpoint.")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise ValueError(f"no checkpoint of step {step} in {directory} (there "
-                     f"are {sorted(steps)}).")
-  config = manager.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore()))["config"]
-  manager.close()
-  return step, config
-
-
 def _update(config, values: dict) -> None:
   """Sets the recorded ``values`` (nested dicts) on an ml_collections config
   (lists back to tuples where the config holds tuples)."""
@@ -119,7 +96,7 @@ def rebuild(workdir: str, step: Optional[int] = None):
 
   import tasks  # noqa: F401  (registers the built-in tasks)
   from metaflow import checkpoint, sharding
-  step, fingerprint = saved_run(workdir, step)
+  step, fingerprint = checkpoint.saved_run(workdir, step)
   run = fingerprint["run"]
   config = _config.load_config(_config.config_path(fingerprint["task"]))
   config.unlock()

@@ -14,7 +14,9 @@ pure meta-step, evaluation, Orbax checkpoints, Grain data, clu metrics, on a
 device mesh of every device of every process: `metaflow.sharding`; offline,
 or with persistent inner learners that train across meta-steps:
 `metaflow.online`). For long sequences, `blockwise_attention` keeps the
-meta-gradient's memory linear in the length.
+meta-gradient's memory linear in the length. The update rule itself can be
+meta-learned (`LearnedOptimizer`) and handed back as an optax optimizer
+(`learned_optimizer`, `load_learned_optimizer`; `metaflow.lopt`).
 """
 
 import importlib
@@ -25,6 +27,7 @@ from metaflow import (
   attention,
   estimators,
   implicit,
+  lopt,
   memory,
   microbatch,
   online,
@@ -46,6 +49,12 @@ from metaflow.estimators import (
   valid_strategy_names,
 )
 from metaflow.implicit import implicit_meta_grad, implicit_solve
+from metaflow.lopt import (
+  LearnedOptimizer,
+  LearnedOptimizerState,
+  learned_optimizer,
+  load_learned_optimizer,
+)
 from metaflow.memory import MemoryReport
 from metaflow.meta_params import (
   Eta,
@@ -139,6 +148,8 @@ __all__ = [
     "IncompatibleCheckpointError",
     "InnerLoopResult",
     "LearnedLearningRates",
+    "LearnedOptimizer",
+    "LearnedOptimizerState",
     "Learners",
     "LossWeights",
     "MemoryReport",
@@ -174,6 +185,9 @@ __all__ = [
     "implicit_solve",
     "inner_loop",
     "layout",
+    "learned_optimizer",
+    "load_learned_optimizer",
+    "lopt",
     "loop",
     "memory",
     "meta_value_and_grad",

@@ -262,3 +262,56 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _manager(workdir: str | os.PathLike) -> tuple[str, ocp.CheckpointManager]:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{str(workdir)!r} has no checkpoints/ (is it a "
+                            "launch.train --workdir?).")
+  return directory, ocp.CheckpointManager(directory)
+
+
+def saved_run(workdir: str | os.PathLike, step: Optional[int] = None
+              ) -> tuple[int, dict]:
+  """``(step, fingerprint)`` of a run's checkpoint (the latest by default):
+  the config recorded with it, as JSON values.
+
+  Raises:
+    FileNotFoundError: no checkpoints in ``workdir``.
+    ValueError: no checkpoint of that ``step``.
+  """
+  directory, manager = _manager(workdir)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no checkpoint.")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {directory} (there "
+                       f"are {sorted(steps)}).")
+    config = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+  return step, config
+
+
+def saved_state(workdir: str | os.PathLike, step: int) -> dict:
+  """The `TrainState` of checkpoint ``step`` as nested dicts of numpy
+  arrays (NamedTuples by field name), without the run that wrote it: shapes
+  and dtypes from the checkpoint's own metadata, restored on one device
+  (float64 stays float64)."""
+  path = os.path.join(_manager(workdir)[0], str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with jax.enable_x64(True):
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        tree)
+    restored = checkpointer.restore(path, target)
+  checkpointer.close()
+  return jax.tree.map(np.asarray, restored)
+

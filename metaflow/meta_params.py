@@ -19,6 +19,9 @@ turns on (None when off):
                       ``[0, max_weight]``; they enter the inner loss L.
 ``eta.user``          arbitrary user meta-parameters ``{name: pytree}``,
                       read by the task's losses through `Meta.user`.
+``eta.optimizer``     the weights of a learned update rule
+                      (`metaflow.LearnedOptimizer`): Phi itself; the
+                      learning rate (fixed or learned) scales its update.
 ====================  =======================================================
 
 `MetaParams.init` builds eta; `MetaParams.theta0`, `MetaParams.inner_optimizer`
@@ -43,6 +46,7 @@ import optax
 from flax import nnx
 
 from metaflow._checks import PyTree, check_number
+from metaflow.lopt import LearnedOptimizer, learned_optimizer
 
 Granularity = Literal["scalar", "tensor", "element"]
 
@@ -57,11 +61,13 @@ class Eta(NamedTuple):
     log_lr: the log learning rates (`LearnedLearningRates`).
     loss_weights: the rater network's ``nnx.Param`` state (`LossWeights`).
     user: ``{name: pytree}``, the user meta-parameters.
+    optimizer: the learned update rule's weights (`LearnedOptimizer.init`).
   """
   init: PyTree = None
   log_lr: PyTree = None
   loss_weights: PyTree = None
   user: PyTree = None
+  optimizer: PyTree = None
 
 
 def _qualified_name(fn: Any) -> str:
@@ -218,6 +224,10 @@ class MetaParams:
     proximal: lam >= 0; with ``learn_init``, the inner loss is
       ``L + lam/2 ||theta - eta.init||^2`` (iMAML's inner problem, whose
       minimiser depends on the initialisation). 0: no term.
+    optimizer: optional `LearnedOptimizer`: the inner update rule is
+      learned (``eta.optimizer``) and replaces the task's
+      ``inner_optimizer``; ``learning_rate`` (fixed or learned) scales its
+      update, so the kinds compose.
   """
   learn_init: bool = False
   learning_rate: Union[float, LearnedLearningRates] = 1e-2
@@ -225,6 +235,7 @@ class MetaParams:
   user: Mapping[str, Callable[[jax.Array], PyTree]] = dataclasses.field(
       default_factory=dict)
   proximal: float = 0.0
+  optimizer: Optional[LearnedOptimizer] = None
 
   def __post_init__(self):
     if not isinstance(self.learning_rate, LearnedLearningRates):
@@ -237,11 +248,15 @@ class MetaParams:
       if not callable(fn):
         raise TypeError(f"MetaParams.user[{name!r}] must be a callable "
                         f"key -> pytree, got {fn!r}.")
+    if self.optimizer is not None and not isinstance(
+        self.optimizer, LearnedOptimizer):
+      raise TypeError("MetaParams.optimizer must be a LearnedOptimizer or "
+                      f"None, got {self.optimizer!r}.")
     if not self.kinds:
       raise ValueError(
           "MetaParams learns nothing: set learn_init=True, "
           "learning_rate=LearnedLearningRates(...), loss_weights=LossWeights("
-          "...) or user={...}.")
+          "...), user={...} or optimizer=LearnedOptimizer(...).")
     lam = check_number("MetaParams.proximal", self.proximal)
     if lam and not self.learn_init:
       raise ValueError(
@@ -255,7 +270,8 @@ class MetaParams:
     learned = {"init": self.learn_init,
                "log_lr": self.learning_rate_is_learned,
                "loss_weights": self.loss_weights is not None,
-               "user": bool(self.user)}
+               "user": bool(self.user),
+               "optimizer": self.optimizer is not None}
     return tuple(kind for kind in Eta._fields if learned[kind])
 
   @property
@@ -271,9 +287,10 @@ class MetaParams:
 
   def describe(self) -> dict[str, Any]:
     """The spec as JSON values (callables by qualified name): what a
-    resumed run must match beyond eta's shapes."""
+    resumed run must match beyond eta's shapes (``"optimizer"`` only when
+    the update rule is learned, so older runs' fingerprints still match)."""
     lr, weights = self.learning_rate, self.loss_weights
-    return {
+    described = {
         "learn_init": self.learn_init,
         "learning_rate": (dataclasses.asdict(lr)
                           if isinstance(lr, LearnedLearningRates) else lr),
@@ -285,12 +302,17 @@ class MetaParams:
                  in sorted(self.user.items())},
         "proximal": self.proximal,
     }
+    if self.optimizer is not None:
+      described["optimizer"] = self.optimizer.describe()
+    return described
 
   def init(self, key: jax.Array, theta: PyTree, num_steps: int) -> Eta:
     """The initial eta for inner parameters shaped like ``theta``.
 
     Args:
-      key: PRNG key (for the rater and user initialisers).
+      key: PRNG key (for the rater, user initialisers and the learned
+        optimizer: ``fold_in(key, 2)``, so that adding one changes no other
+        kind's draw).
       theta: the inner model's initial parameters (copied into ``eta.init``
         when the initialisation is learned).
       num_steps: T (the leading axis of per-step learning rates).
@@ -309,6 +331,9 @@ class MetaParams:
       keys = jax.random.split(k_user, len(self.user))
       eta = eta._replace(user={name: fn(k) for (name, fn), k
                                in zip(sorted(self.user.items()), keys)})
+    if self.optimizer is not None:
+      eta = eta._replace(
+          optimizer=self.optimizer.init(jax.random.fold_in(key, 2)))
     return eta
 
   def theta0(self, eta: Eta, theta: PyTree) -> PyTree:
@@ -333,7 +358,11 @@ class MetaParams:
   def inner_optimizer(self, eta: Eta,
                       make: Callable[[Any], optax.GradientTransformation]
                       ) -> optax.GradientTransformation:
-    """The inner optimiser ``make(learning_rate)`` with eta's learning rate."""
+    """The inner optimiser: ``make(learning_rate)`` with eta's learning
+    rate, or the learned rule ``eta.optimizer`` scaled by it."""
+    if self.optimizer is not None:
+      return learned_optimizer(eta.optimizer, self.learning_rate_for(eta),
+                               self.optimizer)
     return make(self.learning_rate_for(eta))
 
   def regularised(self, inner_loss: jax.Array, theta: PyTree, eta: Eta

@@ -6,7 +6,8 @@ gradient on ``(H_tt + cg_damping I) u = grad_theta V`` with at most
 ``cg_steps`` Hessian-vector products, then ``-H_et u`` (the derivation, what
 it assumes and when it is wrong: `metaflow.implicit`). Memory does not grow
 with T: one theta_T is stored. Exact when theta_T is a stationary point of
-L; blind to eta's effect on the path (learned learning rates) and to theta0
+L; blind to eta's effect on the path (learned learning rates, a learned
+update rule) and to theta0
 (a learned initialisation needs `MetaParams.proximal`), both refused by
 `check_meta_params`. Takes none of the memory options.
 """
@@ -70,18 +71,21 @@ class Implicit(Strategy):
   def check_meta_params(self, spec: "MetaParams",
                         outer_reads: Optional[Callable[[str], bool]] = None
                         ) -> None:
-    """Learned learning rates steer only the path to theta_T, not the
-    stationary point of L that implicit differentiation differentiates;
-    a learned initialisation without ``proximal`` does not move it either:
-    both would get a zero meta-gradient."""
+    """Learned learning rates (or a learned update rule) steer only the
+    path to theta_T, not the stationary point of L that implicit
+    differentiation differentiates; a learned initialisation without
+    ``proximal`` does not move it either: both would get a zero
+    meta-gradient."""
     del outer_reads
-    if spec.learning_rate_is_learned:
-      raise ValueError(
-          "Strategy 'implicit' cannot learn learning rates: they enter only "
-          "the inner optimiser Phi (the path to theta_T), not the stationary "
-          "point of L that implicit differentiation differentiates, so their "
-          "implicit meta-gradient is zero. Use an exact strategy (mixflow) "
-          "or first_order.")
+    for learned, what in ((spec.learning_rate_is_learned, "learning rates"),
+                          (spec.optimizer is not None, "an update rule")):
+      if learned:
+        raise ValueError(
+            f"Strategy 'implicit' cannot learn {what}: they enter only "
+            "the inner optimiser Phi (the path to theta_T), not the "
+            "stationary point of L that implicit differentiation "
+            "differentiates, so their implicit meta-gradient is zero. Use "
+            "an exact strategy (mixflow) or first_order.")
     if spec.learn_init and not spec.proximal:
       raise ValueError(
           "Strategy 'implicit' with a learned initialisation needs "
