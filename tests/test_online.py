@@ -50,6 +50,7 @@ def make(task=Fresh(), **kwargs):
   return BilevelTrainer(task, **settings)
 
 
+@pytest.mark.slow
 def test_one_learner_living_one_window_is_the_offline_trainer(x64):
   """P=1, N=T: every window starts from a fresh learner, as every offline
   episode does; with the same fresh initialisations the two trainers take

@@ -29,6 +29,7 @@ def test_episode_is_a_sinusoid():
   assert 0.1 <= amplitude <= 5 and -1e-5 <= phase <= math.pi + 1e-5
 
 
+@pytest.mark.slow
 def test_every_exact_strategy_matches_standard(x64):
   """float64, with learned per-element learning rates next to the learned
   initialisation: every exact strategy's value and meta-gradient equal
