@@ -314,4 +314,3 @@ def saved_state(workdir: str | os.PathLike, step: int) -> dict:
     restored = checkpointer.restore(path, target)
   checkpointer.close()
   return jax.tree.map(np.asarray, restored)
-

@@ -366,4 +366,3 @@ def _saved_learning_rate(saved: Any, eta: dict, workdir: Any) -> LearningRate:
   if not saved.get("per_step"):
     return lr
   return lambda count: lr[jnp.minimum(count, lr.shape[0] - 1)]
-
