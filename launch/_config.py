@@ -160,11 +160,15 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
   return argv
 
 
-def _outer_optimizer(name: str, learning_rate: float):
+def _outer_optimizer(name: str, learning_rate: float, clip: float = 0.0):
   """The optax optimiser ``name`` (one of `OUTER_OPTIMIZERS`, checked by
-  `check_config`)."""
+  `check_config`), after ``optax.clip_by_global_norm(clip)`` of the
+  meta-gradient when ``clip > 0``."""
   import optax
-  return getattr(optax, name)(learning_rate)
+  optimizer = getattr(optax, name)(learning_rate)
+  if clip:
+    return optax.chain(optax.clip_by_global_norm(clip), optimizer)
+  return optimizer
 
 
 
@@ -179,8 +183,10 @@ _SETTINGS = {
     "max_skipped_steps": ("int", 1), "num_workers": ("int", 0),
     "seed": ("int", 0), "cg_steps": ("int", 1),
     "outer_lr": ("float", 0.0), "cg_damping": ("float>=", 0.0),
+    "outer_clip": ("float>=", 0.0),
     "mesh.data": ("axis", None), "mesh.fsdp": ("axis", None),
     "online.population": ("int", 0), "online.lifetime": ("int", 0),
+    "online.lifetime_max": ("int", 0),
 }
 
 
@@ -252,12 +258,14 @@ def build(task_name: str, config, *, mesh=None, shapes_only: bool = False):
   if mesh is None:
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   task = create_task(import_task(task_name), **config.task.to_dict())
-  online = Online(config.online.population, config.online.lifetime)
+  online = Online(config.online.population, config.online.lifetime,
+                  config.online.lifetime_max)
   return BilevelTrainer(
       task, strategy=strategy_of(config), num_inner_steps=config.inner_steps,
       meta_batch_size=None if online.enabled else config.meta_batch_size,
       online=online,
-      outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr),
+      outer_optimizer=_outer_optimizer(config.outer_optimizer, config.outer_lr,
+                                       config.outer_clip),
       seed=config.seed, eval_split=config.eval_split,
       num_eval_tasks=config.num_eval_tasks, num_workers=config.num_workers,
       mesh=mesh, memory_budget=config.memory_budget or None,

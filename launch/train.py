@@ -195,7 +195,9 @@ def _train(task_name: str, config) -> None:
   logging.info("Task %s, strategy %s, T=%d, meta-batch %d%s, %d meta-steps, "
                "mesh %s.", trainer.task.name, trainer.strategy.name,
                trainer.num_inner_steps, trainer.meta_batch_size,
-               (f" (online learners, lifetime {trainer.online.lifetime})"
+               (f" (online learners, lifetime {trainer.online.lifetime}"
+                + (f" to {trainer.online.lifetime_max}, drawn per life"
+                   if trainer.online.drawn else "") + ")"
                 if trainer.online.enabled else ""),
                config.meta_steps, sharding.describe(trainer.mesh))
   try:

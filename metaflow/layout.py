@@ -167,7 +167,9 @@ class Layout:
                        state.learners.opt_state)
     return Learners(self.chunked(self.theta_shardings),
                     self.chunked(self.inner_state_shardings(program, one)),
-                    self.replicated)
+                    self.replicated,
+                    None if state.learners.lifetime is None
+                    else self.replicated)
 
   def inner_state_shardings(self, program: Program, inner_state: PyTree
                             ) -> PyTree:

@@ -24,7 +24,7 @@ learner and this is exactly the offline meta-step.
 
 **Life cycle.** After the window each learner carries
 ``(theta_{k+T}, s_{k+T})`` forward and ages by T. A learner whose age
-reaches the lifetime N (a multiple of T) is replaced by a fresh model with
+reaches its lifetime N (a multiple of T) is replaced by a fresh model with
 a fresh optimiser state at age 0; so is one whose carried state is not
 finite (a diverged learner would make every later window non-finite).
 Learners start staggered: learner p begins as if
@@ -32,6 +32,13 @@ Learners start staggered: learner p begins as if
 by running those steps with the initial eta: `warm_up`), so
 the population always spans a model's whole life and eta is meta-learned
 for every stage of it.
+
+**Drawn lifetimes.** With ``lifetime_max`` above ``lifetime``, each life's
+length is drawn when the learner is (re)initialised, log-uniform in whole
+windows between ``lifetime`` and ``lifetime_max`` (`Online.draw_lifetimes`,
+kept per learner in `Learners.lifetime`): what a learned optimizer needs so
+as not to fit one training length (short lives are as likely per octave as
+long ones, so the early steps of training are not drowned out).
 
 **Cost.** The meta-batch is the population (one window per learner,
 vmapped like offline episodes). A step costs what an offline step with
@@ -72,10 +79,13 @@ class Learners(NamedTuple):
     opt_state: each learner's inner optimiser state s (leaves ``[P, ...]``).
     age: int32 ``[P]``, inner steps each learner has taken since it was
       (re-)initialised.
+    lifetime: int32 ``[P]``, each learner's drawn lifetime (inner steps),
+      or None when every life is ``Online.lifetime`` long.
   """
   params: PyTree
   opt_state: PyTree
   age: PyTree
+  lifetime: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +98,27 @@ class Online:
     lifetime: N, inner steps a learner lives before it is replaced by a
       fresh one; a multiple of the window length T (checked by the trainer,
       which knows T).
+    lifetime_max: 0 (every life is N long), or the longest life: each
+      life is then drawn log-uniform in whole windows between ``lifetime``
+      and ``lifetime_max`` (a multiple of T too).
   """
   population: int = 0
   lifetime: int = 0
+  lifetime_max: int = 0
 
   def __post_init__(self):
     check_int("Online.population", self.population, 0)
     check_int("Online.lifetime", self.lifetime, 0)
+    check_int("Online.lifetime_max", self.lifetime_max, 0)
+    if self.lifetime_max and self.lifetime_max < self.lifetime:
+      raise ValueError(
+          f"Online.lifetime_max ({self.lifetime_max}) must be 0 (every life "
+          f"is lifetime long) or at least lifetime ({self.lifetime}).")
+
+  @property
+  def drawn(self) -> bool:
+    """Whether each life's length is drawn (`draw_lifetimes`)."""
+    return self.lifetime_max > self.lifetime
 
   @property
   def enabled(self) -> bool:
@@ -104,26 +128,47 @@ class Online:
     """ValueError unless the lifetime is a multiple >= 1 of T."""
     if not self.enabled:
       return
-    n, t = self.lifetime, num_inner_steps
-    if n < t or n % t:
-      raise ValueError(
-          f"Online.lifetime (N={n}) must be a multiple of num_inner_steps "
-          f"(T={t}) and at least T: a learner lives whole windows of T inner "
-          "steps.")
+    t = num_inner_steps
+    for name, n in (("lifetime", self.lifetime),
+                    ("lifetime_max", self.lifetime_max if self.drawn else t)):
+      if n < t or n % t:
+        raise ValueError(
+            f"Online.{name} (N={n}) must be a multiple of num_inner_steps "
+            f"(T={t}) and at least T: a learner lives whole windows of T "
+            "inner steps.")
 
-  def initial_ages(self, num_inner_steps: int) -> np.ndarray:
+  def draw_lifetimes(self, key: jax.Array, num_inner_steps: int
+                     ) -> jax.Array:
+    """int32 ``[P]``: lifetimes of P new lives, ``W T`` with the number of
+    windows W = floor(exp(u)), u uniform in ``[log W_min, log(W_max +
+    1))`` (log-uniform over whole windows, both ends included)."""
+    t = num_inner_steps
+    low, high = self.lifetime // t, self.lifetime_max // t
+    u = jax.random.uniform(key, [self.population], jnp.float32,
+                           np.log(low), np.log(high + 1))
+    windows = jnp.clip(jnp.floor(jnp.exp(u)), low, high).astype(jnp.int32)
+    return windows * t
+
+  def initial_ages(self, num_inner_steps: int,
+                   lifetimes: Optional[np.ndarray] = None) -> np.ndarray:
     """int32 ``[P]``: learner p's age before the first meta-step,
-    ``floor(p N / (P T)) T`` (whole windows, staggered over a life)."""
+    ``floor(p N_p / (P T)) T`` (whole windows, staggered over a life; N_p
+    its drawn lifetime, ``lifetimes``, if drawn)."""
     t, p = num_inner_steps, np.arange(self.population)
-    windows = (p * (self.lifetime // t)) // self.population
+    n = self.lifetime if lifetimes is None else np.asarray(lifetimes)
+    windows = (p * (n // t)) // self.population
     return (windows * t).astype(np.int32)
 
   # The protocol the meta-step uses (`Offline` has the same methods).
-  def initial(self, fresh: Fresh, key: jax.Array) -> Learners:
-    """P fresh learners from ``key`` at age 0 (`warm_up` staggers them)."""
+  def initial(self, fresh: Fresh, key: jax.Array, num_inner_steps: int
+              ) -> Learners:
+    """P fresh learners from ``key`` at age 0 (`warm_up` staggers them),
+    with drawn lifetimes (from ``fold_in(key, 1)``) if `drawn`."""
     params, opt_state = fresh(key)
+    lifetime = (self.draw_lifetimes(jax.random.fold_in(key, 1),
+                                    num_inner_steps) if self.drawn else None)
     return Learners(params, opt_state,
-                    jnp.zeros([self.population], jnp.int32))
+                    jnp.zeros([self.population], jnp.int32), lifetime)
 
   def carried(self, learners: Any) -> tuple[PyTree, PyTree]:
     """What each episode of the meta-step starts from: the learners'
@@ -138,11 +183,16 @@ class Online:
     return carried
 
   def advance(self, learners: Any, params: PyTree, opt_state: PyTree,
-              num_inner_steps: int, fresh: Callable[[], tuple[PyTree, PyTree]]
-              ) -> Learners:
-    """The population after the meta-step's windows (`advance`)."""
+              num_inner_steps: int, fresh: Callable[[], tuple[PyTree, PyTree]],
+              key: jax.Array) -> Learners:
+    """The population after the meta-step's windows (`advance`); new
+    lives' lengths drawn from ``key`` if `drawn`."""
+    if not self.drawn:
+      return advance(params, opt_state, learners.age, num_inner_steps,
+                     self.lifetime, fresh)
     return advance(params, opt_state, learners.age, num_inner_steps,
-                   self.lifetime, fresh)
+                   learners.lifetime, fresh,
+                   lambda: self.draw_lifetimes(key, num_inner_steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +203,9 @@ class Offline:
   enabled: ClassVar[bool] = False
   population: ClassVar[int] = 0
 
-  def initial(self, fresh: Fresh, key: jax.Array) -> None:
-    del fresh, key
+  def initial(self, fresh: Fresh, key: jax.Array,
+              num_inner_steps: int) -> None:
+    del fresh, key, num_inner_steps
 
   def carried(self, learners: Any) -> None:
     """Nothing is carried: episodes vmap over nothing else."""
@@ -167,8 +218,9 @@ class Offline:
     return theta0(), None
 
   def advance(self, learners: Any, params: PyTree, opt_state: PyTree,
-              num_inner_steps: int, fresh: Callable[[], Any]) -> None:
-    del learners, params, opt_state, num_inner_steps, fresh
+              num_inner_steps: int, fresh: Callable[[], Any],
+              key: jax.Array) -> None:
+    del learners, params, opt_state, num_inner_steps, fresh, key
 
 
 Learning = Union[Offline, Online]
@@ -222,24 +274,36 @@ def _select(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def advance(params: PyTree, opt_state: PyTree, age: jax.Array,
-            num_inner_steps: int, lifetime: int,
-            fresh: Callable[[], tuple[PyTree, PyTree]]) -> Learners:
+            num_inner_steps: int, lifetime: Union[int, jax.Array],
+            fresh: Callable[[], tuple[PyTree, PyTree]],
+            new_lifetimes: Optional[Callable[[], jax.Array]] = None
+            ) -> Learners:
   """The population after a window: each learner at ``(params, opt_state)``
   (its theta_{k+T}, s_{k+T}) aged by T, and those that reached ``lifetime``
-  or are not finite replaced by ``fresh()`` (``(theta, s)`` with leading
-  axis P, computed only when some learner is replaced) at age 0.
+  (an int, or int32 ``[P]`` per learner) or are not finite replaced by
+  ``fresh()`` (``(theta, s)`` with leading axis P, computed only when some
+  learner is replaced) at age 0; with ``new_lifetimes`` (``() -> [P]``)
+  the replaced learners' next lifetimes are drawn from it and kept in
+  `Learners.lifetime`.
   """
   age = age + num_inner_steps
   reset = (age >= lifetime) | ~_finite((params, opt_state))
+  drawn = new_lifetimes is not None
 
   def replace():
     new_params, new_state = fresh()
-    return (_select(reset, new_params, params),
+    kept = (_select(reset, new_params, params),
             _select(reset, new_state, opt_state))
+    if new_lifetimes is not None:
+      kept += (jnp.where(reset, new_lifetimes(), lifetime),)
+    return kept
 
-  params, opt_state = jax.lax.cond(jnp.any(reset), replace,
-                                   lambda: (params, opt_state))
-  return Learners(params, opt_state, jnp.where(reset, 0, age))
+  def keep():
+    return (params, opt_state) + ((jnp.asarray(lifetime),) if drawn else ())
+
+  kept = jax.lax.cond(jnp.any(reset), replace, keep)
+  return Learners(kept[0], kept[1], jnp.where(reset, 0, age),
+                  kept[2] if drawn else None)
 
 
 def warm_window(learners: Learners, params: PyTree, opt_state: PyTree,
@@ -250,7 +314,7 @@ def warm_window(learners: Learners, params: PyTree, opt_state: PyTree,
   active = learners.age < target_age
   return Learners(_select(active, params, learners.params),
                   _select(active, opt_state, learners.opt_state),
-                  learners.age + num_inner_steps * active)
+                  learners.age + num_inner_steps * active, learners.lifetime)
 
 
 Window = Callable[[Learners, PyTree, PyTree, Any], Learners]
@@ -270,7 +334,9 @@ def warm_up(learning: Learning, learners: Any, eta: PyTree, window: Window,
   """
   if not isinstance(learning, Online):
     return learners
-  target = learning.initial_ages(num_inner_steps)
+  target = learning.initial_ages(
+      num_inner_steps, None if learners.lifetime is None
+      else np.asarray(jax.device_get(learners.lifetime)))
   windows = int(target.max()) // num_inner_steps
   if windows:
     logging.info("Online: warming up %d learners to ages %s (%d windows of "

@@ -138,7 +138,7 @@ def meta_step(program: Program, layout: Layout, state: TrainState,
   # Carried forward; replaced at the lifetime (online).
   learners = program.learning.advance(
       state.learners, aux.params, aux.opt_state, program.num_inner_steps,
-      lambda: program.fresh_learners(key, eta))
+      lambda: program.fresh_learners(key, eta), jax.random.fold_in(key, 1))
   return (TrainState(state.step + 1, eta, opt_state, rng, learners),
           step_metrics)
 

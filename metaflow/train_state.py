@@ -57,7 +57,8 @@ def initial_state(program: Program, theta_init: PyTree) -> TrainState:
                                                  program.num_inner_steps))
   learners = program.learning.initial(
       lambda k: program.fresh_learners(k, eta),
-      jax.random.fold_in(jax.random.PRNGKey(program.seed), 1))
+      jax.random.fold_in(jax.random.PRNGKey(program.seed), 1),
+      program.num_inner_steps)
   return TrainState(step=jnp.zeros([], jnp.int32), eta=eta,
                     opt_state=program.outer.init(eta), rng=key,
                     learners=learners)

@@ -146,6 +146,13 @@ CASES = [
      "error: config.outer_lr must be a finite number > 0, got -0.001."),
     ("nan-outer-lr", lambda d: SINUSOID + ["--config.outer_lr=nan"],
      "error: config.outer_lr must be a finite number > 0, got nan."),
+    ("negative-outer-clip", lambda d: SINUSOID + ["--config.outer_clip=-1.0"],
+     "error: config.outer_clip must be a finite number >= 0, got -1.0."),
+    ("lifetime-max-below-lifetime", lambda d: SINUSOID
+     + ["--config.online.population=2", "--config.online.lifetime=10",
+        "--config.online.lifetime_max=5"],
+     "error: Online.lifetime_max (5) must be 0 (every life is lifetime long) "
+     "or at least lifetime (10)."),
     ("unknown-outer-optimizer", lambda d: SINUSOID
      + ["--config.outer_optimizer=rmsprop"],
      "error: config.outer_optimizer must be one of adam, sgd, got "

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metaflow
@@ -74,6 +76,29 @@ def test_every_strategy_reaches_the_trainer(task):
     trainer = train.build(task, config, mesh=P.ONE_DEVICE, shapes_only=True)
     assert trainer.strategy == metaflow.Strategy.parse(name), name
     assert trainer.num_inner_steps == config.inner_steps
+
+
+def test_outer_clip_and_drawn_lifetimes_reach_the_trainer():
+  """``--config.outer_clip=c``: the outer optimiser sees the meta-gradient
+  clipped to global norm c (SGD at rate 1 shows it: the update is minus
+  the clipped gradient); ``--config.online.lifetime_max``: the trainer's
+  learners draw their lifetimes."""
+  train.prepare_argv(["train", "--task", "sinusoid_maml"])
+  config = train.load_config(train.config_path("sinusoid_maml"))
+  config.outer_optimizer, config.outer_lr, config.outer_clip = "sgd", 1.0, 0.5
+  trainer = train.build("sinusoid_maml", config, mesh=P.ONE_DEVICE,
+                        shapes_only=True)
+  grads = {"a": jnp.full((4,), 10.0)}
+  outer = trainer.program.outer_optimizer
+  updates, _ = outer.update(grads, outer.init(grads), grads)
+  np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-6)
+  config = train.load_config(train.config_path("lm_learned_lr"))
+  config.inner_steps, config.online.population = 2, 3
+  config.online.lifetime, config.online.lifetime_max = 2, 8
+  online = train.build("lm_learned_lr", config, mesh=P.ONE_DEVICE,
+                       shapes_only=True)
+  assert online.program.learning == metaflow.Online(3, 2, 8)
+  assert online.program.learning.drawn
 
 
 LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")

@@ -283,3 +283,33 @@ def test_bad_use_is_one_line(tmp_path):
     _trainer(LearnedRule(), "implicit")
   with pytest.raises(FileNotFoundError, match="has no checkpoints"):
     metaflow.load_learned_optimizer(tmp_path)
+
+
+# --------------------------------------------------- mlp_learned_optimizer
+@pytest.mark.slow
+def test_mlp_task_meta_trains_online_with_drawn_lifetimes():
+  """The task's episodes (T inner digit batches, a held-out outer batch;
+  the test part for test episodes), and a few online meta-steps whose
+  learners live drawn lifetimes: finite, and the rule moves."""
+  from tasks.learned_optimizer import digit_parts  # registers the task
+  task = metaflow.create_task("mlp_learned_optimizer", widths=(8,),
+                              batch_size=16, rule_hidden=(4,))
+  episode = task.episodes("train", 0, 3)[0]
+  inner, outer = task.split_episode(episode, 3)
+  assert inner["x"].shape == (3, 16, 64) and outer["y"].shape == (16,)
+  assert inner["x"].max() <= 1.0 and set(np.unique(inner["y"])) <= set(
+      range(10))
+  test_outer = task.episodes("test", 0, 3)[0]["outer"]["x"]
+  train_parts = {row.tobytes() for row in digit_parts()[0][0]}
+  assert not any(row.tobytes() in train_parts for row in test_outer)
+  trainer = BilevelTrainer(
+      task, num_inner_steps=3, num_eval_tasks=2, seed=0, mesh=P.ONE_DEVICE,
+      online=metaflow.Online(population=2, lifetime=3, lifetime_max=12),
+      outer_optimizer=optax.chain(optax.clip_by_global_norm(1.0),
+                                  optax.adam(1e-2)))
+  result = trainer.fit(4, log_every=4, console=False)
+  assert np.isfinite(result.final_eval["outer_loss"])
+  assert P.tree_rel_error(result.state.eta.optimizer,
+                          trainer.init_state().eta.optimizer) > 1e-4
+  with pytest.raises(ValueError, match="batch_size must be at most 250"):
+    metaflow.create_task("mlp_learned_optimizer", batch_size=251)

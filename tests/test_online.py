@@ -179,6 +179,48 @@ def test_diverged_learner_is_replaced():
       metaflow.Online(3, 12).initial_ages(2), [0, 4, 8])
   np.testing.assert_array_equal(
       metaflow.Online(4, 10).initial_ages(5), [0, 0, 5, 5])
+  np.testing.assert_array_equal(
+      metaflow.Online(4, 10, 40).initial_ages(5, np.array([10, 40, 20, 40])),
+      [0, 10, 10, 30])
+
+
+def test_drawn_lifetimes_are_log_uniform_in_whole_windows():
+  """W = floor(exp(u)), u uniform in [log 1, log 17): P(W <= k) =
+  log(k + 1) / log 17 for lives of 1 to 16 windows of T=4."""
+  spec = metaflow.Online(4000, 4, 64)
+  lives = np.asarray(spec.draw_lifetimes(jax.random.key(0), 4))
+  assert lives.min() == 4 and lives.max() == 64 and np.all(lives % 4 == 0)
+  for k in (1, 3, 7):
+    expected = np.log(k + 1) / np.log(17)
+    assert abs(np.mean(lives <= 4 * k) - expected) < 0.03, k
+  assert not metaflow.Online(4, 8).drawn
+  assert metaflow.Online(4, 8, 8).drawn is False
+
+
+def test_drawn_lifetimes_end_each_life_and_are_redrawn():
+  params = {"w": jnp.array([[1.0], [2.0], [3.0]])}
+  opt_state = {"count": jnp.array([5, 5, 5])}
+  fresh = lambda: ({"w": jnp.zeros((3, 1))},
+                   {"count": jnp.zeros(3, jnp.int32)})
+  out = online.advance(params, opt_state, jnp.array([2, 4, 0]), 2,
+                       jnp.array([4, 8, 6]), fresh,
+                       lambda: jnp.array([10, 12, 14]))
+  np.testing.assert_array_equal(out.age, [0, 6, 2])  # learner 0 reached 4
+  np.testing.assert_array_equal(out.lifetime, [10, 8, 6])
+  np.testing.assert_array_equal(out.params["w"][:, 0], [0.0, 2.0, 3.0])
+  # In the trainer: staggered by their own lifetimes, each younger than it.
+  trainer = make(online=metaflow.Online(population=3, lifetime=2,
+                                        lifetime_max=8))
+  state = trainer.init_state()
+  lives = np.asarray(state.learners.lifetime)
+  np.testing.assert_array_equal(
+      np.asarray(trainer.warm_up(state, trainer.train_batches()
+                                 ).learners.age),
+      trainer.program.learning.initial_ages(2, lives))
+  result = trainer.fit(6, log_every=6, console=False)
+  ages, lives = (np.asarray(result.state.learners.age),
+                 np.asarray(result.state.learners.lifetime))
+  assert np.all(ages < lives) and np.all(np.isin(lives, [2, 4, 6, 8]))
 
 
 def test_population_memory_is_reported_in_the_static_part():
@@ -206,6 +248,11 @@ def test_population_memory_is_reported_in_the_static_part():
     (dict(population=-1), "Online.population must be an int >= 0"),
     (dict(population=2, lifetime=3), r"multiple of num_inner_steps \(T=2\)"),
     (dict(population=2, lifetime=1), "at least T"),
+    (dict(population=2, lifetime=4, lifetime_max=2),
+     r"lifetime_max \(2\) must be 0 \(every life is lifetime long\) or at "
+     r"least lifetime \(4\)"),
+    (dict(population=2, lifetime=2, lifetime_max=5),
+     r"Online.lifetime_max \(N=5\) must be a multiple of num_inner_steps"),
     (dict(population=2, lifetime=4, meta_batch_size=3),
      r"meta_batch_size \(3\) must equal the online population \(2\)"),
     (dict(population=2, lifetime=4, task=Fresh(learn_init=True)),

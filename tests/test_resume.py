@@ -279,38 +279,55 @@ def test_sigterm_at_five_moments_loses_no_step(tmp_path, straight_run):
   _finish_and_compare(tmp_path, straight_run)
 
 
-def _online_cmd(workdir):
-  """An online run (P=2 persistent learners living N=4 inner steps, windows
-  of T=2) of learned learning rates for inner Adam."""
-  return [sys.executable, "-m", "launch.train",
-          "--task", "tests.test_online:Fresh", f"--workdir={workdir}",
-          "--meta_steps=400", "--inner_steps=2",
-          "--config.online.population=2", "--config.online.lifetime=4",
-          "--config.checkpoint_every=20", "--config.num_eval_tasks=4",
-          "--config.log_every=200"]
+#: Online runs: learned learning rates for inner Adam (P=2 persistent
+#: learners living N=4 inner steps, windows of T=2), and a learned update rule
+#: (mlp_learned_optimizer, small) whose learners' lifetimes are drawn.
+ONLINE_RUNS = {
+    "learned_rates": ["--task", "tests.test_online:Fresh",
+                      "--config.online.lifetime=4"],
+    "learned_rule": ["--task", "mlp_learned_optimizer",
+                     "--config.task.widths=(8,)", "--config.task.batch_size=16",
+                     "--config.task.rule_hidden=(4,)",
+                     "--config.online.lifetime=2",
+                     "--config.online.lifetime_max=8",
+                     "--config.eval_every=0"],
+}
+
+
+def _online_cmd(workdir, run="learned_rates"):
+  return [sys.executable, "-m", "launch.train", *ONLINE_RUNS[run],
+          f"--workdir={workdir}", "--meta_steps=400", "--inner_steps=2",
+          "--config.online.population=2", "--config.checkpoint_every=20",
+          "--config.num_eval_tasks=4", "--config.log_every=200"]
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_online_run_resumes_exactly_after_sigkill(tmp_path):
+@pytest.mark.parametrize("run", list(ONLINE_RUNS))
+def test_online_run_resumes_exactly_after_sigkill(tmp_path, run):
   """Killed mid-run and relaunched, an online run ends with the same eta,
-  outer optimiser state and every learner's (theta, s, age), array by
-  array, as a run never stopped."""
+  outer optimiser state and every learner's (theta, s, age and drawn
+  lifetime), array by array, as a run never stopped."""
   straight = tmp_path / "straight"
-  done = subprocess.run(_online_cmd(straight), cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(_online_cmd(straight, run), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   killed = tmp_path / "killed"
   proc, *_ = _interrupt(killed, signal.SIGKILL, False,
-                        np.random.default_rng(2), _online_cmd(killed))
+                        np.random.default_rng(2), _online_cmd(killed, run))
   assert proc.returncode == -signal.SIGKILL
   assert 0 < max(_steps(killed / "checkpoints")[0]) < 400
-  done = subprocess.run(_online_cmd(killed), cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(_online_cmd(killed, run), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   (step, state, position), expected = _final(killed), _final(straight)
   assert step == expected[0] == 400 and position == expected[2]
   assert set(state) == {"step", "eta", "opt_state", "rng", "learners"}
   assert_trees_identical(state, expected[1])
+  if run == "learned_rule":
+    ages, lives = (np.asarray(state["learners"][k])
+                   for k in ("age", "lifetime"))
+    assert np.all(ages < lives) and set(lives) <= {2, 4, 6, 8}
+    return
   ages = np.asarray(state["learners"]["age"])
   assert ages.shape == (2,) and set(ages) <= {0, 2}

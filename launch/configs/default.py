@@ -31,9 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
   # not used. 0: off, every episode starts afresh.
   config.online = ml_collections.ConfigDict()
   config.online.population = 0
-  config.online.lifetime = 0
+  config.online.lifetime = 0        # N (with lifetime_max: the shortest)
+  config.online.lifetime_max = 0    # > lifetime: each life drawn log-uniform
+                                    # in [lifetime, lifetime_max] (whole
+                                    # windows); 0: every life is lifetime
   config.outer_optimizer = "adam"   # adam | sgd
   config.outer_lr = 1e-3            # the outer optimiser's learning rate
+  config.outer_clip = 0.0           # clip the meta-gradient to this global
+                                    # norm first (0: off)
   config.seed = 0                   # parameters, episodes and learners
   config.num_eval_tasks = 100       # held-out episodes per evaluation
   config.eval_split = "validation"  # held-out split: validation | test

@@ -1,0 +1,29 @@
+"""mlp_learned_optimizer: a learned update rule meta-trained online on
+digits MLPs (P=8 learners, windows of T=20 steps, lifetimes drawn
+log-uniform in [200, 2000] steps, outer Adam with the meta-gradient clipped
+to global norm 1)."""
+
+from launch.configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task.widths = (32,)          # the classifier: 64 -> widths -> 10
+  config.task.activation = "relu"
+  config.task.batch_size = 128        # digits per inner / outer batch
+  config.task.inner_lr = 1e-3         # scales the rule's update
+  config.task.rule_hidden = (16, 16)  # the learned optimizer's MLP
+  config.task.rule_output = "normalized"  # normalized | magnitude
+  config.task.resample_init = True    # (online: every learner is fresh)
+  config.inner_steps = 20             # T: the window of each meta-step
+  config.online.population = 8        # P learners at staggered ages
+  config.online.lifetime = 200        # the shortest life (inner steps)
+  config.online.lifetime_max = 2000   # the longest: log-uniform between
+  config.outer_lr = 1e-3
+  config.outer_clip = 1.0
+  config.meta_steps = 600
+  config.num_eval_tasks = 8
+  config.log_every = 50
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  return config
