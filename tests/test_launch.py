@@ -101,7 +101,11 @@ def test_outer_clip_and_drawn_lifetimes_reach_the_trainer():
   assert online.program.learning.drawn
 
 
-LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting")
+LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting",
+            "lm_learned_optimizer")
+#: Online tasks: short lives (the warm-up staggers the learners over one).
+LM_ONLINE = {"lm_learned_optimizer": ["--config.online.lifetime=2",
+                                      "--config.online.lifetime_max=8"]}
 LM_SMALL = ["--config.task.preset=nano", "--config.task.seq_len=32",
             "--config.task.batch_size=2", "--config.num_eval_tasks=2",
             "--config.log_every=1", "--meta_steps=2", "--inner_steps=2"]
@@ -117,7 +121,8 @@ def test_language_model_tasks(task, tmp_path):
   path = tmp_path / "latin1.txt"
   path.write_bytes(text + "caf\xe9\n".encode("latin-1") + text)
   done = run_train("--task", task, f"--workdir={tmp_path / 'run'}",
-                   f"--config.task.data_path={path}", *LM_SMALL)
+                   f"--config.task.data_path={path}", *LM_SMALL,
+                   *LM_ONLINE.get(task, ()))
   assert done.returncode == 0, done.stderr[-3000:]
   assert "is not valid UTF-8 (first invalid byte at offset" in done.stderr
   assert "held-out outer loss after T=2 inner steps" in done.stdout

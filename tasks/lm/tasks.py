@@ -24,6 +24,8 @@ part: ``"outer"`` during meta-training, the held-out ``"validation"`` or
                        per-sequence losses, and V is measured on a target
                        text (by default the pool's own outer part); eta
                        enters L, as for lm_loss_weighting.
+``lm_learned_optimizer``  the update rule itself (`metaflow.LearnedOptimizer`,
+                       replacing inner Adam); eta is Phi.
 =====================  =====================================================
 
 Defaults: the ``tiny`` preset, sequences of 128 bytes, B=4, inner Adam with
@@ -45,6 +47,7 @@ from flax import nnx
 
 from metaflow import optim
 from metaflow._checks import check_int, check_number
+from metaflow.lopt import LearnedOptimizer
 from metaflow.meta_params import (
   LearnedLearningRates,
   LossWeights,
@@ -202,6 +205,32 @@ class MAMLLM(LanguageModelTask):
   def meta_params(self) -> MetaParams:
     return MetaParams(learn_init=True, learning_rate=self.inner_lr,
                       proximal=self.proximal)
+
+
+@register("lm_learned_optimizer")
+@dataclasses.dataclass(frozen=True)
+class LearnedOptimizerLM(LanguageModelTask):
+  """The inner update rule meta-learned (`metaflow.LearnedOptimizer`,
+  replacing inner Adam; ``inner_lr`` scales its update). The stacked
+  blocks' tensors (leading axis: the layers) are each one tensor to the
+  rule's per-tensor normalisation.
+
+  Attributes:
+    rule_hidden: the learned optimizer's hidden widths.
+    rule_output: ``"normalized"`` or ``"magnitude"``.
+  """
+  rule_hidden: tuple[int, ...] = (16, 16)
+  rule_output: str = "normalized"
+  resample_init: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.meta_params()  # checks rule_hidden and rule_output
+
+  def meta_params(self) -> MetaParams:
+    return MetaParams(learning_rate=self.inner_lr, optimizer=LearnedOptimizer(
+        hidden=tuple(self.rule_hidden),
+        output=self.rule_output))  # type: ignore[arg-type]
 
 
 class TokenRater(nnx.Module):
