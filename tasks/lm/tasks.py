@@ -8,25 +8,25 @@ cross-entropy of the adapted model theta_T on B sequences from a disjoint
 part: ``"outer"`` during meta-training, the held-out ``"validation"`` or
 ``"test"`` part in evaluation. They differ in what eta is:
 
-=====================  =====================================================
-``lm_learned_lr``      per-parameter-tensor inner learning rates of Adam,
-                       log-parameterised (one per layer's tensor), optionally
-                       one set per inner step; eta enters Phi.
-``lm_maml``            the initialisation theta0 of the transformer (MAML);
-                       eta enters theta0.
-``lm_loss_weighting``  a small NNX rater that maps each target byte's
-                       context to a weight in [0, 2] on its inner loss; eta
-                       enters L, so the meta-gradient needs the mixed second
-                       derivative d2L/dtheta deta (MixFlow-MG's H_et v).
-``lm_data_rater``      DataRater (Calian et al., 2025): a small transformer
-                       scores each training sequence, the scores compete in
-                       a softmax over the inner batch that weights the
-                       per-sequence losses, and V is measured on a target
-                       text (by default the pool's own outer part); eta
-                       enters L, as for lm_loss_weighting.
+========================  =====================================================
+``lm_learned_lr``         per-parameter-tensor inner learning rates of Adam,
+                          log-parameterised (one per layer's tensor), optionally
+                          one set per inner step; eta enters Phi.
+``lm_maml``               the initialisation theta0 of the transformer (MAML);
+                          eta enters theta0.
+``lm_loss_weighting``     a small NNX rater that maps each target byte's
+                          context to a weight in [0, 2] on its inner loss; eta
+                          enters L, so the meta-gradient needs the mixed second
+                          derivative d2L/dtheta deta (MixFlow-MG's H_et v).
+``lm_data_rater``         DataRater (Calian et al., 2025): a small transformer
+                          scores each training sequence, the scores compete in
+                          a softmax over the inner batch that weights the
+                          per-sequence losses, and V is measured on a target
+                          text (by default the pool's own outer part); eta
+                          enters L, as for lm_loss_weighting.
 ``lm_learned_optimizer``  the update rule itself (`metaflow.LearnedOptimizer`,
-                       replacing inner Adam); eta is Phi.
-=====================  =====================================================
+                          replacing inner Adam); eta is Phi.
+========================  =====================================================
 
 Defaults: the ``tiny`` preset, sequences of 128 bytes, B=4, inner Adam with
 learning rate 3e-3; the corpus is the embedded text of Python's documentation
