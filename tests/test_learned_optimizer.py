@@ -128,7 +128,13 @@ def test_meta_gradient_every_exact_strategy_float64(output, x64):
   def optimizer(eta):
     return metaflow.learned_optimizer(eta, 0.05, spec)
 
-  strategies = metaflow.exact_strategies()
+  # Every exact strategy for the default output; the magnitude output
+  # differs from it only after the network (exp(o_1) for the RMS): standard
+  # and mixflow, both with every memory option.
+  strategies = metaflow.exact_strategies() if output == "normalized" else [
+      metaflow.Strategy.parse(name) for name in (
+          "standard", "mixflow",
+          "mixflow+remat+saved_inner_grads+segments=2+microbatches=2")]
 
   def everything(eta, theta0, inner_batches, outer_batch):
     ref = P.reference_meta_value_and_grad(
@@ -211,8 +217,8 @@ def test_composed_kinds_exact_in_the_trainer(x64):
   assert trainer.spec.kinds == ("init", "log_lr", "optimizer")
   errors = P.trainer_strategy_errors(
       lambda s: _trainer(task, s),
-      strategies=("standard", "mixflow", "mixflow+remat+saved_inner_grads",
-                  "mixflow+segments=2", "mixflow+microbatches=2"))
+      strategies=("standard",
+                  "mixflow+remat+saved_inner_grads+segments=2+microbatches=2"))
   for name, (value_error, grad_error) in errors.items():
     assert value_error < 1e-12 and grad_error < 1e-10, (name, errors)
 

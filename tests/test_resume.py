@@ -294,9 +294,14 @@ ONLINE_RUNS = {
 }
 
 
+#: Meta-steps of each online run.
+ONLINE_STEPS = {"learned_rates": 400, "learned_rule": 120}
+
+
 def _online_cmd(workdir, run="learned_rates"):
   return [sys.executable, "-m", "launch.train", *ONLINE_RUNS[run],
-          f"--workdir={workdir}", "--meta_steps=400", "--inner_steps=2",
+          f"--workdir={workdir}", f"--meta_steps={ONLINE_STEPS[run]}",
+          "--inner_steps=2",
           "--config.online.population=2", "--config.checkpoint_every=20",
           "--config.num_eval_tasks=4", "--config.log_every=200"]
 
@@ -316,12 +321,13 @@ def test_online_run_resumes_exactly_after_sigkill(tmp_path, run):
   proc, *_ = _interrupt(killed, signal.SIGKILL, False,
                         np.random.default_rng(2), _online_cmd(killed, run))
   assert proc.returncode == -signal.SIGKILL
-  assert 0 < max(_steps(killed / "checkpoints")[0]) < 400
+  assert 0 < max(_steps(killed / "checkpoints")[0]) < ONLINE_STEPS[run]
   done = subprocess.run(_online_cmd(killed, run), cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   (step, state, position), expected = _final(killed), _final(straight)
-  assert step == expected[0] == 400 and position == expected[2]
+  assert step == expected[0] == ONLINE_STEPS[run]
+  assert position == expected[2]
   assert set(state) == {"step", "eta", "opt_state", "rng", "learners"}
   assert_trees_identical(state, expected[1])
   if run == "learned_rule":
