@@ -83,7 +83,7 @@ def _errors(derivative: int) -> dict:
 
 
 @pytest.mark.parametrize("derivative", [
-    0, 1, 2, pytest.param(3, marks=pytest.mark.slow)], ids=[
+    0, 1, *(pytest.param(d, marks=pytest.mark.slow) for d in (2, 3))], ids=[
     "values", "grad", "forward_over_reverse", "reverse_over_reverse"])
 def test_equals_dense_float64(derivative):
   """Causal and not, lengths that are (8) and are not (11, 6 x 13) multiples

@@ -198,6 +198,7 @@ def test_bfloat16_compute(nano):
   assert abs(losses[1] - losses[0]) < 0.05, losses
 
 
+@pytest.mark.slow
 def test_forward_over_reverse_float64(x64):
   graphdef, theta, rest = _split(lm_model.preset("nano"))
   assert {p.dtype for p in jax.tree.leaves(theta)} == {np.dtype(jnp.float64)}

@@ -109,7 +109,8 @@ def test_learners_are_staggered_carried_forward_and_replaced(population):
 
 
 @pytest.mark.parametrize("strategy", [
-    pytest.param("standard", marks=pytest.mark.slow), "mixflow",
+    pytest.param("standard", marks=pytest.mark.slow),
+    pytest.param("mixflow", marks=pytest.mark.slow),
     pytest.param("mixflow+segments=2/1", marks=pytest.mark.slow)])
 def test_window_meta_gradient_is_the_engines(population, strategy):
   """The meta-gradient of a meta-step equals `meta_value_and_grad` called

@@ -54,6 +54,7 @@ def test_maml_halves_post_adaptation_mse():
     assert after <= 0.5 * before, (split, before, after)
 
 
+@pytest.mark.slow
 def test_meta_sgd_learns_per_element_learning_rates():
   trainer = BilevelTrainer(create_task("sinusoid_maml", learn_lr=True),
                            num_inner_steps=5, meta_batch_size=10,

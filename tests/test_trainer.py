@@ -137,7 +137,7 @@ def _check_exact(task, strategy, num_steps=3):
 
 @pytest.mark.parametrize("strategy", [
     pytest.param(name, marks=pytest.mark.slow) if name.startswith(
-        "standard")
+        "standard") or name == "mixflow"
     else name for name in metaflow.exact_strategy_names()])
 def test_all_kinds_exact_every_strategy(strategy, x64):
   task = Regression(learn_init=True, lr="per_step", loss_weights=True,
