@@ -264,12 +264,13 @@ class Checkpointer:
     self._manager.close()
 
 
-def _manager(workdir: str | os.PathLike) -> tuple[str, ocp.CheckpointManager]:
+def _checkpoints(workdir: str | os.PathLike) -> str:
+  """``workdir/checkpoints``; FileNotFoundError (one line) if absent."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{str(workdir)!r} has no checkpoints/ (is it a "
                             "launch.train --workdir?).")
-  return directory, ocp.CheckpointManager(directory)
+  return directory
 
 
 def saved_run(workdir: str | os.PathLike, step: Optional[int] = None
@@ -281,7 +282,8 @@ def saved_run(workdir: str | os.PathLike, step: Optional[int] = None
     FileNotFoundError: no checkpoints in ``workdir``.
     ValueError: no checkpoint of that ``step``.
   """
-  directory, manager = _manager(workdir)
+  directory = _checkpoints(workdir)
+  manager = ocp.CheckpointManager(directory)
   try:
     steps = manager.all_steps()
     if not steps:
@@ -303,7 +305,7 @@ def saved_state(workdir: str | os.PathLike, step: int) -> dict:
   arrays (NamedTuples by field name), without the run that wrote it: shapes
   and dtypes from the checkpoint's own metadata, restored on one device
   (float64 stays float64)."""
-  path = os.path.join(_manager(workdir)[0], str(step), "state")
+  path = os.path.join(_checkpoints(workdir), str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   tree = checkpointer.metadata(path).item_metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
