@@ -24,6 +24,18 @@ steps. Next to it, the same run with:
 Writes ``DIR/evaluate.json`` (``curves``: name -> ``[[step, loss], ...]``,
 ``final``: name -> last loss, ``best_constant``) and ``DIR/evaluate.png``;
 ``DIR`` defaults to ``W/evaluate``. One device, one process.
+
+A run that learned an update rule (``mlp_learned_optimizer``,
+``lm_learned_optimizer``) is compared differently, as a user would use it:
+``metaflow.load_learned_optimizer(W)`` trains fresh models of ``--task``
+(default: the run's; ``--set KEY=VALUE`` changes a task field, e.g.
+``--set widths=(64,32,32)``) in a plain optax loop, ``--seeds`` of them,
+next to Adam at each rate of ``--adam``, SGD at ``--sgd`` and SGD with
+momentum 0.9 at ``--momentum`` (`metaflow.evaluation.optax_curves`).
+``evaluate.json`` then holds per optimizer the curves of every seed
+(training loss, held-out loss and metrics), their means, the diverged
+seeds and the first step whose mean training loss reaches Adam(1e-3)'s
+final one; ``evaluate.png`` the mean training and held-out losses.
 """
 
 from __future__ import annotations
@@ -68,9 +80,27 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
                        lower_bound=0, flag_values=fv)
   flags.DEFINE_string("out", None, "Output folder (default: "
                       "WORKDIR/evaluate).", flag_values=fv)
+  flags.DEFINE_integer("seeds", 5, "Learned update rules: fresh models "
+                       "(seeds 0..N-1).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("adam", [str(r) for r in ADAM_GRID], "Learned update "
+                    "rules: Adam's learning rates to compare with.",
+                    flag_values=fv)
+  flags.DEFINE_list("sgd", [], "Learned update rules: SGD's learning rates.",
+                    flag_values=fv)
+  flags.DEFINE_list("momentum", [], "Learned update rules: learning rates "
+                    "of SGD with momentum 0.9.", flag_values=fv)
+  flags.DEFINE_string("task", None, "Learned update rules: the task of the "
+                      "fresh models (default: the run's).", flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "Learned update rules: KEY=VALUE, a "
+                            "field of --task (a Python literal), e.g. "
+                            "widths=(128,); repeatable.", flag_values=fv)
   _cli.parse_flags(fv, ["launch.evaluate", *argv], __doc__, passthrough=False,
                    required=("workdir", "inner_steps"), outputs=("out",))
   return fv
+
+
+#: Adam's learning rates that a learned update rule is compared with.
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _update(config, values: dict) -> None:
@@ -145,10 +175,104 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return _cli.call_main(_main, argv)
 
 
+def _rates(args, name: str) -> list[float]:
+  try:
+    rates = [float(r) for r in args[name].value]
+  except ValueError:
+    raise _cli.UsageError(f"--{name} takes learning rates separated by "
+                          f"commas, got {','.join(args[name].value)!r}."
+                          ) from None
+  if any(not r > 0 for r in rates):
+    raise _cli.UsageError(f"--{name}: learning rates must be > 0.")
+  return rates
+
+
+def fresh_task(args, run_task: str, run_settings: dict):
+  """The task of the fresh models: ``--task`` (default the run's, with the
+  run's settings) with the ``--set`` fields."""
+  import ast
+
+  from metaflow.task import create_task, import_task
+  settings = dict(run_settings) if args.task in (None, run_task) else {}
+  for item in args.set:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set takes KEY=VALUE, got {item!r}.")
+    try:
+      settings[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      settings[key.strip()] = value.strip()  # a plain string
+  return create_task(import_task(args.task or run_task), **settings)
+
+
+def compare_optimizers(args, trainer, step: int) -> dict:
+  """`evaluate.json`'s content for a run that learned an update rule."""
+  import optax
+
+  from metaflow import evaluation, load_learned_optimizer
+  from metaflow.lopt import learned_optimizer
+  task = fresh_task(args, trainer.task.name, trainer.task.config())
+  every = args.eval_every or max(1, args.inner_steps // 20)
+  optimizers = {"learned": load_learned_optimizer(args.workdir, step)}
+  if args.baseline:
+    rule = trainer.task.meta_params().optimizer
+    optimizers["initial"] = learned_optimizer(
+        trainer.init_state().eta.optimizer,
+        trainer.task.meta_params().learning_rate, rule)
+  for name, make in (("adam", optax.adam), ("sgd", optax.sgd),
+                     ("momentum", lambda r: optax.sgd(r, momentum=0.9))):
+    for rate in _rates(args, name):
+      optimizers[f"{name}({rate:g})"] = make(rate)
+  runs = {}
+  for name, optimizer in optimizers.items():
+    run = evaluation.optax_curves(
+        task, optimizer, args.inner_steps, seeds=range(args.seeds),
+        eval_every=every, num_eval_batches=args.eval_batches,
+        split=args.split)
+    run["mean"] = {k: np.mean(v, axis=0).tolist() for k, v in run.items()
+                   if k.startswith(("train_", "test_"))}
+    runs[name] = run
+    print(f"{name}: training loss {run['mean']['train_loss'][0]:.4g} -> "
+          f"{run['mean']['train_loss'][-1]:.4g}, held-out "
+          f"{run['mean']['test_loss'][-1]:.4g} after {args.inner_steps} "
+          f"steps, {sum(run['diverged'])}/{args.seeds} seeds diverged")
+  reference = runs.get("adam(0.001)")
+  for run in runs.values():
+    run["reaches_adam_1e-3"] = None if reference is None else next(
+        (s for s, v in zip(run["step"], run["mean"]["train_loss"])
+         if v <= reference["mean"]["train_loss"][-1]), None)
+  return {"task": task.name, "settings": task.config(), "optimizers": runs}
+
+
+def plot_optimizers(result: dict, plt):
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name, run in result["optimizers"].items():
+    style = dict(lw=2.4, color="k") if name == "learned" else dict(
+        lw=1, alpha=0.75)
+    for ax, key in zip(axes, ("train_loss", "test_loss")):
+      ax.plot(run["step"], run["mean"][key], label=name, **style)
+  for ax, what in zip(axes, ("training loss", f"held-out loss "
+                             f"({result['split']})")):
+    ax.set_yscale("log")
+    ax.set_xlabel("steps of a fresh model")
+    ax.set_ylabel(f"{what}, mean of {result['seeds']} seeds")
+  axes[0].set_title(f"{result['task']}: learned rule of meta-step "
+                    f"{result['step']}", fontsize=9)
+  axes[1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  return fig
+
+
 def _main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   try:
     trainer, step, eta = rebuild(args.workdir, args.step)
+    if eta.optimizer is not None:
+      return _write(args, {
+          **compare_optimizers(args, trainer, step), "workdir":
+          os.path.abspath(args.workdir), "step": step, "inner_steps":
+          args.inner_steps, "split": args.split, "seeds": args.seeds},
+          plot_optimizers)
     t = trainer.num_inner_steps
     every = args.eval_every or max(t, (args.inner_steps // 20) // t * t)
     runs = {"learned": eta}
@@ -167,18 +291,24 @@ def _main(argv: Sequence[str]) -> int:
     raise _cli.UsageError(_cli.one_line(e)) from None
   final = {name: curve[-1][1] for name, curve in curves.items()}
   constants = {k: v for k, v in final.items() if k.startswith("lr=")}
-  result = {"task": trainer.task.name, "workdir": os.path.abspath(
-      args.workdir), "step": step, "inner_steps": args.inner_steps,
-      "window": t, "split": args.split, "curves": curves, "final": final,
+  return _write(args, {
+      "task": trainer.task.name, "workdir": os.path.abspath(args.workdir),
+      "step": step, "inner_steps": args.inner_steps, "window": t,
+      "split": args.split, "curves": curves, "final": final,
       "best_constant": min(constants, key=constants.get) if constants
-      else None, **benchmark.platform_info()}
+      else None}, plot)
+
+
+def _write(args, result: dict, plot_fn) -> int:
+  """Writes ``evaluate.json`` and ``evaluate.png`` into ``--out``."""
+  result.update(benchmark.platform_info())
   out = args.out or os.path.join(args.workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "evaluate.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {path}")
-  benchmark.save_plot([result], lambda rows, plt: plot(rows[0], plt),
+  benchmark.save_plot([result], lambda rows, plt: plot_fn(rows[0], plt),
                       os.path.join(out, "evaluate.png"))
   return 0
 

@@ -8,16 +8,23 @@ Two measures, neither differentiated:
 * `inner_curve`: a fresh model trained for many inner steps with eta
   frozen, and its held-out loss along the way (long-horizon behaviour of
   learned learning rates, loss weights or data raters: learned_optimization's
-  "inner training curves").
+  "inner training curves");
+* `optax_curves`: fresh models trained by any optax optimizer in a plain
+  loop, over seeds (a learned update rule handed back by
+  `metaflow.load_learned_optimizer` next to Adam).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
 from metaflow import data
 from metaflow._checks import PyTree, check_int
@@ -25,6 +32,7 @@ from metaflow.layout import Layout
 from metaflow.meta_params import Eta
 from metaflow.program import Model, Program
 from metaflow.step import adapt, functional
+from metaflow.task import Functional, Task
 
 
 def evaluate_episodes(program: Program, layout: Layout, eta: Eta,
@@ -136,3 +144,99 @@ def jit_curve(program: Program, layout: Layout):
         lambda batch: f.outer_loss(theta, eta, batch), outer))
 
   return jax.jit(window), jax.jit(loss)
+
+
+def optax_curves(task: Task, optimizer: optax.GradientTransformation,
+                 num_steps: int, *, seeds: Sequence[int], eval_every: int,
+                 num_eval_batches: int = 8, split: str = "test"
+                 ) -> dict[str, Any]:
+  """Fresh models of ``task`` trained by ``optimizer`` in a plain optax loop,
+  one per seed, and their training and held-out curves.
+
+  Nothing is meta-learned or differentiated twice: model ``s`` is
+  ``task.make_model(nnx.Rngs(seed))``, trained for ``num_steps`` steps on
+  the inner batches of the ``"train"`` episodes of its own seed (a stream of
+  windows of ``eval_every`` batches), ``theta <- theta +
+  optimizer.update(grad L(theta), state, theta)``; the seeds run side by
+  side (vmapped). This is how a user trains with an optimizer handed back
+  by `metaflow.load_learned_optimizer`, and how it is compared with Adam.
+  The losses use the task's initial eta (learned loss weights etc. are not
+  applied).
+
+  Every ``eval_every`` steps (and at 0) it records, per seed: the training
+  loss L averaged over ``num_eval_batches`` fixed inner batches of
+  ``"train"`` (data the model trains on), the held-out loss V and the
+  task's `Task.eval_metrics` averaged over the outer batches of the first
+  ``num_eval_batches`` episodes of ``split``.
+
+  Returns:
+    ``{"step": [E + 1], "train_loss": [S][E + 1], "test_loss": [S][E + 1],
+    "test_<metric>": [S][E + 1], "diverged": [S]}`` as lists (E =
+    num_steps / eval_every; "test" names the held-out split whatever
+    ``split`` is); a seed diverged if its training loss became NaN or
+    rose above twice its start.
+  """
+  check_int("num_steps", num_steps)
+  check_int("eval_every", eval_every)
+  check_int("num_eval_batches", num_eval_batches)
+  data.check_split(split)
+  seeds = [check_int("seed", s, minimum=0) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds must name at least one seed.")
+  if num_steps % eval_every:
+    raise ValueError(f"num_steps ({num_steps}) must be a multiple of "
+                     f"eval_every ({eval_every}).")
+  f, _ = Functional.of(task, task.make_model(nnx.Rngs(seeds[0])))
+  thetas = data.stack([Functional.of(task, task.make_model(nnx.Rngs(s)))[1]
+                       for s in seeds], what="seed")
+  eta = f.spec.init(jax.random.key(0), jax.tree.map(lambda x: x[0], thetas),
+                    eval_every)
+
+  def batches(which: int, split_name: str, seed: int) -> PyTree:
+    episodes = data.take(task.episodes(split_name, seed, 1), num_eval_batches)
+    return jax.tree.map(lambda x: x[:, 0] if which == 0 else x, jax.vmap(
+        lambda e: task.split_episode(e, 1)[which])(episodes))
+
+  train_batches = batches(0, "train", _EVAL_SEED)   # leaves [n, B, ...]
+  test_batches = batches(1, split, _EVAL_SEED)
+
+  def window(theta, state, inner):  # one seed: eval_every steps
+    def step(carry, batch):
+      theta, state = carry
+      grads = jax.grad(f.inner_loss)(theta, eta, batch)
+      updates, state = optimizer.update(grads, state, theta)
+      return (optax.apply_updates(theta, updates), state), None
+    return jax.lax.scan(step, (theta, state), inner)[0]
+
+  def measure(theta):  # one seed
+    mean = lambda fn, b: jax.tree.map(jnp.mean, jax.lax.map(fn, b))  # noqa: E731
+    out = {"train_loss": mean(lambda b: f.inner_loss(theta, eta, b),
+                              train_batches),
+           "test_loss": mean(lambda b: f.outer_loss(theta, eta, b),
+                             test_batches)}
+    metrics = mean(lambda b: f.eval_metrics(theta, eta, b), test_batches)
+    out.update({f"test_{k}": v for k, v in metrics.items()})
+    return out
+
+  run = jax.jit(jax.vmap(window), donate_argnums=(0, 1))
+  measured = jax.jit(jax.vmap(measure))
+  states = jax.vmap(optimizer.init)(thetas)
+  streams = [task.episodes("train", s, eval_every) for s in seeds]
+  records = [measured(thetas)]
+  for k in range(num_steps // eval_every):
+    inner = data.stack([task.split_episode(stream[k], eval_every)[0]
+                        for stream in streams], what="seed")
+    thetas, states = run(thetas, states, inner)
+    records.append(measured(thetas))
+  curves = jax.tree.map(lambda *r: np.stack(r, axis=1), *records)  # [S, E+1]
+  train = curves["train_loss"]
+  diverged = ~np.isfinite(train).all(1) | (np.nan_to_num(
+      train, nan=np.inf) > 2 * train[:, :1]).any(1)
+  return {"step": [k * eval_every for k in range(len(records))],
+          **{k: v.tolist() for k, v in curves.items()},
+          "diverged": diverged.tolist()}
+
+
+#: The seed of the fixed batches `optax_curves` measures on (the training
+#: streams use the seeds themselves).
+_EVAL_SEED = 10_000

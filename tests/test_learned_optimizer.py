@@ -319,3 +319,67 @@ def test_mlp_task_meta_trains_online_with_drawn_lifetimes():
                           trainer.init_state().eta.optimizer) > 1e-4
   with pytest.raises(ValueError, match="batch_size must be at most 250"):
     metaflow.create_task("mlp_learned_optimizer", batch_size=251)
+
+
+def test_optax_curves_train_fresh_models_and_flag_divergence():
+  """`optax_curves`: one fresh model per seed, the curves start equal for
+  equal seeds whatever the optimizer, Adam lowers the training loss, and a
+  rate that blows up is reported as diverged."""
+  import tasks.learned_optimizer  # noqa: F401  (registers the task)
+  from metaflow.evaluation import optax_curves
+  task = metaflow.create_task("mlp_learned_optimizer", widths=(8,),
+                              batch_size=16)
+  good = optax_curves(task, optax.adam(5e-2), 20, seeds=[0, 1],
+                      eval_every=10, num_eval_batches=2)
+  bad = optax_curves(task, optax.sgd(1e4), 20, seeds=[0, 1], eval_every=10,
+                     num_eval_batches=2)
+  assert good["step"] == [0, 10, 20]
+  assert np.shape(good["train_loss"]) == (2, 3)
+  assert np.shape(good["test_accuracy"]) == (2, 3)
+  assert good["train_loss"][0][0] != good["train_loss"][1][0]  # two models
+  np.testing.assert_allclose(np.array(bad["train_loss"])[:, 0],
+                             np.array(good["train_loss"])[:, 0], rtol=1e-6)
+  assert all(np.array(good["train_loss"])[:, -1]
+             < 0.9 * np.array(good["train_loss"])[:, 0])
+  assert good["diverged"] == [False, False] and bad["diverged"] == [True, True]
+  with pytest.raises(ValueError, match="must be a multiple of eval_every"):
+    optax_curves(task, optax.adam(1e-2), 15, seeds=[0], eval_every=10)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess  # a launch.train run
+def test_evaluate_compares_the_handed_back_rule_with_adam(tmp_path):
+  """``launch.evaluate`` on a learned-rule run: fresh models of a changed
+  architecture (``--set``) trained by the loaded rule and by Adam, over
+  seeds; one line for a bad ``--set``."""
+  import json
+  import subprocess
+  import sys
+
+  from launch import _cli, evaluate
+  run = tmp_path / "run"
+  done = subprocess.run([
+      sys.executable, "-m", "launch.train", "--task=mlp_learned_optimizer",
+      f"--workdir={run}", "--meta_steps=2", "--inner_steps=2",
+      "--config.task.widths=(8,)", "--config.task.batch_size=16",
+      "--config.task.rule_hidden=(4,)", "--config.online.population=2",
+      "--config.online.lifetime=4", "--config.online.lifetime_max=8",
+      "--config.num_eval_tasks=2", "--config.eval_every=0"],
+      cwd=_cli.REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  out = tmp_path / "eval"
+  assert evaluate.main(["--workdir", str(run), "--inner_steps", "6",
+                        "--eval_every", "3", "--seeds", "2", "--adam",
+                        "1e-3,1e-2", "--set", "widths=(8,4)", "--baseline",
+                        "--eval_batches", "2", "--out", str(out)]) == 0
+  result = json.load(open(out / "evaluate.json"))
+  assert result["settings"]["widths"] == [8, 4]
+  assert set(result["optimizers"]) == {"learned", "initial", "adam(0.001)",
+                                       "adam(0.01)"}
+  for name, curves in result["optimizers"].items():
+    assert curves["step"] == [0, 3, 6] and len(curves["train_loss"]) == 2
+    assert np.isfinite(curves["mean"]["train_loss"]).all(), name
+  assert (out / "evaluate.png").stat().st_size > 0
+  with pytest.raises(_cli.UsageError, match="--set takes KEY=VALUE"):
+    evaluate._main(["--workdir", str(run), "--inner_steps", "6", "--set",
+                    "widths"])
