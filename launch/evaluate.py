@@ -4,6 +4,10 @@ trained for N steps with the checkpoint's eta frozen.
     python -m launch.evaluate --workdir W --inner_steps N [--baseline] \\
         [--lr_grid] [--lr_grid_points 7] [--eval_every K] [--split test] \\
         [--step S] [--out DIR]
+    # a run that learned an update rule:
+    python -m launch.evaluate --workdir W --inner_steps N [--seeds 5] \\
+        [--adam 1e-4,...] [--sgd R,...] [--momentum R,...] [--baseline] \\
+        [--task NAME] [--set KEY=VALUE ...] [--eval_every K] [--out DIR]
 
 Meta-training sees only windows of T inner steps; this shows what its eta
 does over a model's whole training. The run is rebuilt from what its
