@@ -170,11 +170,11 @@ def optax_curves(task: Task, optimizer: optax.GradientTransformation,
   ``num_eval_batches`` episodes of ``split``.
 
   Returns:
-    ``{"step": [E + 1], "train_loss": [S][E + 1], "test_loss": [S][E + 1],
-    "test_<metric>": [S][E + 1], "diverged": [S]}`` as lists (E =
-    num_steps / eval_every; "test" names the held-out split whatever
-    ``split`` is); a seed diverged if its training loss became NaN or
-    rose above twice its start.
+    A dict of lists: ``step`` (E + 1 steps, E = num_steps / eval_every);
+    ``train_loss``, ``test_loss`` and ``test_<metric>`` per task metric,
+    each ``[S][E + 1]`` ("test" names the held-out split whatever
+    ``split`` is); ``diverged`` ``[S]``: a seed diverged if its training
+    loss became NaN or rose above twice its start.
   """
   check_int("num_steps", num_steps)
   check_int("eval_every", eval_every)
