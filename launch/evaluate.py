@@ -219,10 +219,10 @@ def compare_optimizers(args, trainer, step: int) -> dict:
   every = args.eval_every or max(1, args.inner_steps // 20)
   optimizers = {"learned": load_learned_optimizer(args.workdir, step)}
   if args.baseline:
-    rule = trainer.task.meta_params().optimizer
+    spec = trainer.task.meta_params()
     optimizers["initial"] = learned_optimizer(
-        trainer.init_state().eta.optimizer,
-        trainer.task.meta_params().learning_rate, rule)
+        trainer.init_state().eta.optimizer, spec.learning_rate,
+        spec.optimizer)
   for name, make in (("adam", optax.adam), ("sgd", optax.sgd),
                      ("momentum", lambda r: optax.sgd(r, momentum=0.9))):
     for rate in _rates(args, name):

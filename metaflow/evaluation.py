@@ -186,19 +186,19 @@ def optax_curves(task: Task, optimizer: optax.GradientTransformation,
   if num_steps % eval_every:
     raise ValueError(f"num_steps ({num_steps}) must be a multiple of "
                      f"eval_every ({eval_every}).")
-  f, _ = Functional.of(task, task.make_model(nnx.Rngs(seeds[0])))
-  thetas = data.stack([Functional.of(task, task.make_model(nnx.Rngs(s)))[1]
-                       for s in seeds], what="seed")
-  eta = f.spec.init(jax.random.key(0), jax.tree.map(lambda x: x[0], thetas),
-                    eval_every)
+  models = [Functional.of(task, task.make_model(nnx.Rngs(s))) for s in seeds]
+  f, theta = models[0]
+  thetas = data.stack([theta for _, theta in models], what="seed")
+  eta = f.spec.init(jax.random.key(0), theta, eval_every)
 
-  def batches(which: int, split_name: str, seed: int) -> PyTree:
-    episodes = data.take(task.episodes(split_name, seed, 1), num_eval_batches)
-    return jax.tree.map(lambda x: x[:, 0] if which == 0 else x, jax.vmap(
-        lambda e: task.split_episode(e, 1)[which])(episodes))
+  def first(split_name: str) -> tuple[PyTree, PyTree]:
+    """(inner, outer) batches of the first episodes of one inner step."""
+    episodes = data.take(task.episodes(split_name, _EVAL_SEED, 1),
+                         num_eval_batches)
+    return jax.vmap(lambda e: task.split_episode(e, 1))(episodes)
 
-  train_batches = batches(0, "train", _EVAL_SEED)   # leaves [n, B, ...]
-  test_batches = batches(1, split, _EVAL_SEED)
+  train_batches = jax.tree.map(lambda x: x[:, 0], first("train")[0])
+  test_batches = first(split)[1]                     # leaves [n, B, ...]
 
   def window(theta, state, inner):  # one seed: eval_every steps
     def step(carry, batch):
