@@ -299,7 +299,8 @@ def test_mlp_task_meta_trains_online_with_drawn_lifetimes():
   learners live drawn lifetimes: finite, and the rule moves."""
   from tasks.learned_optimizer import digit_parts  # registers the task
   task = metaflow.create_task("mlp_learned_optimizer", widths=(8,),
-                              batch_size=16, rule_hidden=(4,))
+                              batch_size=16, rule_hidden=(4,),
+                              family_size=2, family_widths=(4, 8))
   episode = task.episodes("train", 0, 3)[0]
   inner, outer = task.split_episode(episode, 3)
   assert inner["x"].shape == (3, 16, 64) and outer["y"].shape == (16,)
@@ -319,6 +320,55 @@ def test_mlp_task_meta_trains_online_with_drawn_lifetimes():
                           trainer.init_state().eta.optimizer) > 1e-4
   with pytest.raises(ValueError, match="batch_size must be at most 250"):
     metaflow.create_task("mlp_learned_optimizer", batch_size=251)
+
+
+def test_family_members_train_exactly_as_alone(x64):
+  """A learner of a family is G classifiers of drawn architectures; the
+  rule trains each exactly as it would train it alone (L sums the
+  members' losses, the rule works per tensor)."""
+  from tasks.learned_optimizer import Classifier, digit_parts
+  task = metaflow.create_task(
+      "mlp_learned_optimizer", widths=(8,), family_size=3,
+      family_depths=(1, 2), family_widths=(4, 12), family_seed=1)
+  architectures = task.architectures
+  assert architectures[0] == ((8,), "relu") and len(architectures) == 3
+  for widths, activation in architectures[1:]:
+    assert 1 <= len(widths) <= 2 and all(4 <= w <= 12 for w in widths)
+    assert activation in task.family_activations
+  assert architectures == task.architectures   # drawn once per seed
+  spec = task.rule
+  weights = jax.tree.map(  # a rule that is not Adam (output layer on)
+      lambda w: w + 0.3 * jax.random.normal(jax.random.key(2), w.shape,
+                                            w.dtype),
+      spec.init(jax.random.key(1)))
+  rule = metaflow.learned_optimizer(weights, 1e-2, spec)
+  (x, y), _, _ = digit_parts()
+
+  batches = {"x": x[:192].reshape(6, 32, 64), "y": y[:192].reshape(6, 32)}
+
+  def train(model):   # 6 steps of the rule, a plain optax loop
+    graphdef, theta = nnx.split(model, nnx.Param)
+
+    def step(carry, batch):
+      theta, state = carry
+      grads = jax.grad(lambda t: task.inner_loss(
+          nnx.merge(graphdef, t), None, batch))(theta)
+      updates, state = rule.update(grads, state, theta)
+      return (optax.apply_updates(theta, updates), state), None
+    return jax.lax.scan(step, (theta, rule.init(theta)), batches)[0][0]
+
+  family = task.make_model(nnx.Rngs(0))
+  start = nnx.state(family, nnx.Param)
+  trained = train(family)
+  for g, (widths, activation) in enumerate(architectures):
+    alone = Classifier(widths, activation, nnx.Rngs(5))
+    nnx.update(alone, start["members"][g])
+    assert P.tree_rel_error(train(alone), trained["members"][g]) < 1e-12
+    assert P.tree_rel_error(trained["members"][g], start["members"][g]) > 1e-2
+  with pytest.raises(ValueError, match=r"family_widths must be \(min, max\)"):
+    metaflow.create_task("mlp_learned_optimizer", family_widths=(8, 4))
+  with pytest.raises(ValueError, match="family_activations must be some of"):
+    metaflow.create_task("mlp_learned_optimizer", family_activations=("x",))
 
 
 def test_optax_curves_train_fresh_models_and_flag_divergence():

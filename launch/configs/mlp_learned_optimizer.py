@@ -15,6 +15,11 @@ def get_config():
   config.task.rule_hidden = (16, 16)  # the learned optimizer's MLP
   config.task.rule_output = "normalized"  # normalized | magnitude
   config.task.resample_init = True    # (online: every learner is fresh)
+  config.task.family_size = 1         # G MLPs per learner: widths + G-1 drawn
+  config.task.family_depths = (1, 3)  # a drawn one's hidden layers (min, max)
+  config.task.family_widths = (16, 128)  # and each layer's width (min, max)
+  config.task.family_activations = ("relu", "tanh", "gelu", "silu")
+  config.task.family_seed = 0
   config.inner_steps = 20             # T: the window of each meta-step
   config.online.population = 8        # P learners at staggered ages
   config.online.lifetime = 200        # the shortest life (inner steps)
