@@ -399,9 +399,10 @@ def test_optax_curves_train_fresh_models_and_flag_divergence():
 @pytest.mark.slow
 @pytest.mark.subprocess  # a launch.train run
 def test_evaluate_compares_the_handed_back_rule_with_adam(tmp_path):
-  """``launch.evaluate`` on a learned-rule run: fresh models of a changed
-  architecture (``--set``) trained by the loaded rule and by Adam, over
-  seeds; one line for a bad ``--set``."""
+  """``launch.evaluate`` on a learned-rule run (meta-trained on a family of
+  two MLPs): fresh single models of a changed architecture (``--set``)
+  trained by the loaded rule and by Adam, over seeds; one line for a bad
+  ``--set``."""
   import json
   import subprocess
   import sys
@@ -412,6 +413,8 @@ def test_evaluate_compares_the_handed_back_rule_with_adam(tmp_path):
       sys.executable, "-m", "launch.train", "--task=mlp_learned_optimizer",
       f"--workdir={run}", "--meta_steps=2", "--inner_steps=2",
       "--config.task.widths=(8,)", "--config.task.batch_size=16",
+      "--config.task.family_size=2", "--config.task.family_widths=(4,8)",
+      "--config.task.family_depths=(1,1)",
       "--config.task.rule_hidden=(4,)", "--config.online.population=2",
       "--config.online.lifetime=4", "--config.online.lifetime_max=8",
       "--config.num_eval_tasks=2", "--config.eval_every=0"],
@@ -420,10 +423,12 @@ def test_evaluate_compares_the_handed_back_rule_with_adam(tmp_path):
   out = tmp_path / "eval"
   assert evaluate.main(["--workdir", str(run), "--inner_steps", "6",
                         "--eval_every", "3", "--seeds", "2", "--adam",
-                        "1e-3,1e-2", "--set", "widths=(8,4)", "--baseline",
+                        "1e-3,1e-2", "--set", "widths=(8,4)", "--set",
+                        "family_size=1", "--baseline",
                         "--eval_batches", "2", "--out", str(out)]) == 0
   result = json.load(open(out / "evaluate.json"))
   assert result["settings"]["widths"] == [8, 4]
+  assert result["settings"]["family_size"] == 1
   assert set(result["optimizers"]) == {"learned", "initial", "adam(0.001)",
                                        "adam(0.01)"}
   for name, curves in result["optimizers"].items():

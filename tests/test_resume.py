@@ -281,12 +281,16 @@ def test_sigterm_at_three_moments_loses_no_step(tmp_path, straight_run):
 
 #: Online runs: learned learning rates for inner Adam (P=2 persistent
 #: learners living N=4 inner steps, windows of T=2), and a learned update rule
-#: (mlp_learned_optimizer, small) whose learners' lifetimes are drawn.
+#: (mlp_learned_optimizer, small, a family of two MLPs per learner) whose
+#: learners' lifetimes are drawn.
 ONLINE_RUNS = {
     "learned_rates": ["--task", "tests.test_online:Fresh",
                       "--config.online.lifetime=4"],
     "learned_rule": ["--task", "mlp_learned_optimizer",
                      "--config.task.widths=(8,)", "--config.task.batch_size=16",
+                     "--config.task.family_size=2",
+                     "--config.task.family_widths=(4,8)",
+                     "--config.task.family_depths=(1,1)",
                      "--config.task.rule_hidden=(4,)",
                      "--config.online.lifetime=2",
                      "--config.online.lifetime_max=8",
