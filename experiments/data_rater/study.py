@@ -11,7 +11,9 @@ text from noise, and does filtering by it save training compute?
    random bytes, the sequence's own bytes shuffled, one of its characters
    repeated; plus off-target text, Python's documentation (the embedded
    corpus), as many sequences as were corrupted. The sequences are shuffled
-   into one file; ``pool_labels.json`` names each one's kind.
+   into one file; ``pool_labels.json`` names each one's kind (``{"names":
+   KINDS, "kinds": [index into names per sequence]}``, read by
+   `experiments.data_rater.signal`).
 2. **Meta-training** `lm_data_rater` online on the pool, V on the target.
 3. **Scores**: the trained rater scores every sequence of the pool; ROC AUC
    of telling clean on-target sequences (positive) from each corrupted kind
@@ -189,6 +191,8 @@ def run(args: flags.FlagValues) -> dict:
   pool, target, kinds = build_pool(
       args.out, open(args.shakespeare, "rb").read(), text.embedded_text(),
       length, settings["pool_bytes"], args.seed)
+  with open(os.path.join(args.out, "pool_labels.json"), "w") as f:
+    json.dump({"names": list(KINDS), "kinds": kinds.tolist()}, f)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   t = settings["inner_steps"]
 
