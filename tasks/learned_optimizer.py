@@ -158,9 +158,10 @@ class MLPLearnedOptimizer(Task):
     rule_output: ``"normalized"`` or ``"magnitude"``
       (`metaflow.LearnedOptimizer.output`).
     resample_init: every fresh model from a new key (online learners are).
-    family_size: G, classifiers per learner: 1 (the default) trains the
-      ``widths`` one alone; G > 1 adds G - 1 drawn architectures (module
-      docstring, `architectures`).
+    family_size: G, classifiers per learner: 1 trains the ``widths`` one
+      alone; G > 1 adds G - 1 drawn architectures (module docstring,
+      `architectures`; the task's config, ``launch.train``'s default, uses
+      4).
     family_depths: ``(min, max)`` hidden layers of a drawn architecture.
     family_widths: ``(min, max)`` width of each of its hidden layers.
     family_activations: the activations it draws from.
