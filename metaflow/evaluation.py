@@ -146,6 +146,11 @@ def jit_curve(program: Program, layout: Layout):
   return jax.jit(window), jax.jit(loss)
 
 
+#: The seed of the fixed batches `optax_curves` measures on (the training
+#: streams use the seeds themselves).
+_EVAL_SEED = 10_000
+
+
 def optax_curves(task: Task, optimizer: optax.GradientTransformation,
                  num_steps: int, *, seeds: Sequence[int], eval_every: int,
                  num_eval_batches: int = 8, split: str = "test"
@@ -236,7 +241,3 @@ def optax_curves(task: Task, optimizer: optax.GradientTransformation,
           **{k: v.tolist() for k, v in curves.items()},
           "diverged": diverged.tolist()}
 
-
-#: The seed of the fixed batches `optax_curves` measures on (the training
-#: streams use the seeds themselves).
-_EVAL_SEED = 10_000

@@ -215,7 +215,7 @@ class MLPLearnedOptimizer(Task):
     return LearnedOptimizer(hidden=tuple(self.rule_hidden),
                             output=self.rule_output)  # type: ignore[arg-type]
 
-  @property
+  @functools.cached_property
   def architectures(self) -> tuple[tuple[tuple[int, ...], str], ...]:
     """The G ``(widths, activation)`` of a learner: the task's own, then
     ``family_size - 1`` drawn (`draw_architectures`)."""
