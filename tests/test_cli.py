@@ -32,7 +32,7 @@ RUNNERS = {
     "experiments.paper_sweep": (("sweep", "out", "repeats"), "--repeats=abc"),
     "experiments.data_rater": (
         ("out", "tiny", "meta_steps", "train_steps", "keep", "shakespeare",
-         "seed"), "--keep=abc"),
+         "seed", "pools", "refilter"), "--meta_steps=abc"),
     "experiments.estimators": (
         ("tasks", "steps", "cg_steps", "solve_steps", "solve_cg_steps",
          "train_steps", "meta_steps", "budget_s", "repeats", "out"),
@@ -108,7 +108,10 @@ def test_stray_argument():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--keep=1.5"], "--keep must be in (0, 1), got 1.5."),
+    (["--keep=0.75,1.5"], "--keep must be numbers in (0, 1), got 0.75,1.5."),
+    (["--keep=abc"], "--keep must be numbers in (0, 1), got abc."),
+    (["--pools=code,poetry"], "unknown pools ['poetry']; known: code, prose, "
+     "structured."),
     (["--shakespeare=/no/such.txt"], "'/no/such.txt' does not exist."),
 ])
 def test_data_rater_study_refuses_bad_values(argv, message, tmp_path, capsys):

@@ -1,8 +1,10 @@
 """launch.curate and launch.evaluate on a tiny lm_data_rater run: every
 sequence of every file is scored in file order (as the rater scores it
-directly), the kept text is the top fraction in original order, the
-evaluation writes curves that start from the same model, and bad arguments
-are one line."""
+directly), the kept text is the top fraction in original order (the
+chunked selection equals sorting), a stopped run resumes to the same bytes
+scoring only the rest, two processes' shards make up one process's output,
+the evaluation writes curves that start from the same model, and bad
+arguments are one line."""
 
 import json
 import os
@@ -64,7 +66,8 @@ def test_every_sequence_is_scored_in_file_order_and_the_best_kept(
   assert [r["path"] for r in rows] == [p for p, n in zip(texts, counts)
                                        for _ in range(n)]
   trainer, _, eta = evaluate.rebuild(str(run))
-  for path, n in zip(texts, counts):
+  in_memory = curate.score_files(trainer, eta, texts, 8)
+  for path, n, scored in zip(texts, counts, in_memory):
     mine = [r for r in rows if r["path"] == path]
     assert [r["index"] for r in mine] == list(range(n))
     assert [r["offset"] for r in mine] == [i * width for i in range(n)]
@@ -74,6 +77,8 @@ def test_every_sequence_is_scored_in_file_order_and_the_best_kept(
                                           jnp.asarray(tokens))
     scores = np.array([r["score"] for r in mine])
     np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(scored, scores)
+    np.testing.assert_array_equal(curate.sequences(path, width), tokens)
     assert np.ptp(scores) > 0  # the rater was trained: scores differ
     best = sorted(np.argsort(-scores, kind="stable")[:round(n / 2)])
     written = open(kept / os.path.basename(path), "rb").read()
@@ -117,6 +122,11 @@ def test_learning_rate_grid():
     (["--keep", "0", "--kept_out", "K"], "--keep must be in (0, 1]"),
     (["--batch_size", "0"], "--batch_size=0: 0 is not a positive integer"),
     (["--data_path", "/no/file.txt"], "does not exist"),
+    (["--num_processes", "2"], "--num_processes and --process_id go together"),
+    (["--num_processes", "2", "--process_id", "2"],
+     "--process_id must be in 0 .. 1"),
+    (["--num_processes", "2", "--process_id", "0"],
+     "names 1 file(s): each process scores whole files"),
 ])
 def test_bad_curate_arguments(run, texts, argv, message, tmp_path, capsys):
   args = ["--workdir", str(run), "--data_path", texts[0], "--out",
@@ -141,3 +151,106 @@ def test_bad_evaluate_arguments(run, tmp_path, capsys):
                       "--out", str(tmp_path / "s.jsonl")]) == 2
   assert "fewer than one sequence" in capsys.readouterr().err
 
+
+
+def _curate(run, texts, out, *more):
+  """curate.main on ``texts`` with batches of 4, the top half kept next to
+  ``out`` (``out``'s folder/kept)."""
+  return curate.main(["--workdir", str(run), "--data_path", ",".join(texts),
+                      "--out", str(out), "--keep", "0.5", "--kept_out",
+                      str(out.parent / "kept"), "--batch_size", "4", *more])
+
+
+def _files(folder):
+  return {p.name: p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
+def test_an_interrupted_run_resumes_without_rescoring(run, texts, tmp_path,
+                                                      capsys):
+  whole, part = tmp_path / "whole" / "s.jsonl", tmp_path / "part" / "s.jsonl"
+  assert _curate(run, texts, whole) == 0
+  total = sum(os.path.getsize(p) // (SEQ_LEN + 1) for p in texts)
+  assert f"scored {total} sequences" in capsys.readouterr().out
+  assert _curate(run, texts, part, "--stop_after", "3") == 0
+  assert "stopped by --stop_after after 12 sequences" in capsys.readouterr(
+      ).out
+  assert not (part.parent / "kept").exists()
+  with open(part, "a") as f:  # a batch flushed after the last record
+    f.write('{"path": "killed mid-')
+  assert _curate(run, texts, part) == 0
+  out = capsys.readouterr().out
+  assert f"resumed at sequence 12 of {total}: scored {total - 12} " in out
+  assert _files(part.parent) == _files(whole.parent)
+  assert {"s.jsonl", "s.jsonl.npy", "s.jsonl.progress.json", *(
+      os.path.basename(p) for p in texts)} == set(_files(whole.parent))
+  np.testing.assert_array_equal(
+      np.load(str(part) + ".npy"),
+      np.array([json.loads(line)["score"] for line in open(part)],
+               np.float32))
+  # Finished: a rerun scores nothing; another command is refused.
+  assert _curate(run, texts, part) == 0
+  assert "already holds the scores of all" in capsys.readouterr().out
+  assert _files(part.parent) == _files(whole.parent)
+  assert _curate(run, texts, part, "--batch_size", "8") == 2
+  err = capsys.readouterr().err
+  assert "records another command (batch_size 4 there, 8 here)" in err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess  # the `run` fixture: a launch.train run
+def test_shards_of_two_processes_together_equal_one_process(run, texts,
+                                                            tmp_path):
+  one, two = tmp_path / "one" / "s.jsonl", tmp_path / "two" / "s.jsonl"
+  assert _curate(run, texts, one) == 0
+  rows = []
+  for p in range(2):
+    assert _curate(run, texts, two, "--num_processes", "2", "--process_id",
+                   str(p)) == 0
+    rows += [json.loads(line) for line in
+             open(curate.shard_path(str(two), p, 2))]
+  sizes = [os.path.getsize(p) for p in texts]
+  assert rows[0]["path"] == texts[int(np.argmax(sizes))]  # shard 0: largest
+  single = [json.loads(line) for line in open(one)]
+  order = {path: i for i, path in enumerate(texts)}
+  assert sorted(rows, key=lambda r: (order[r["path"]], r["index"])) == single
+  assert _files(two.parent / "kept") == _files(one.parent / "kept")
+
+
+def test_shard_files_deal_whole_files_out_by_size():
+  sizes = [5, 1, 9, 3, 4]
+  shards = curate.shard_files(sizes, 2)
+  assert sorted(i for s in shards for i in s) == list(range(len(sizes)))
+  loads = [sum(sizes[i] for i in s) for s in shards]
+  assert max(loads) - min(loads) <= max(sizes)
+  # 9 -> 0, 5 -> 1, 4 -> 1, 3 -> 0 (a tie: the lower id), 1 -> 1.
+  assert shards == [[2, 3], [0, 1, 4]]
+  assert curate.shard_path("d/scores.jsonl", 1, 4) == (
+      "d/scores-00001-of-00004.jsonl")
+  assert curate.shard_path("scores", 0, 2) == "scores-00000-of-00002"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kept_chunks_equal_the_top_fraction_by_sorting(dtype):
+  rng = np.random.default_rng(0)
+  for n in (1, 2, 7, 500):
+    # Many ties, NaN (lowest), -0 (= +0), infinities.
+    scores = (rng.integers(-3, 4, n) / 2).astype(dtype)
+    scores[rng.random(n) < 0.1] = np.nan
+    scores[rng.random(n) < 0.1] = -0.0
+    scores[rng.random(n) < 0.05] = np.inf
+    scores[rng.random(n) < 0.05] = -np.inf
+    for keep in (1e-3, 0.3, 0.5, 0.77, 1.0):
+      k = max(1, round(keep * n))
+      expected = np.sort(np.argsort(-scores, kind="stable")[:k])
+      for chunk in (1, 3, 64, 1000):
+        chunks = list(curate.kept_chunks(lambda a, b: scores[a:b], n, keep,
+                                         chunk))
+        assert len(chunks) == -(-n // chunk)
+        got = np.concatenate([c + i * chunk for i, c in enumerate(chunks)])
+        np.testing.assert_array_equal(got, expected)
+      np.testing.assert_array_equal(curate.top_fraction(scores, keep),
+                                    expected)

@@ -109,6 +109,13 @@ def test_bad_settings_are_refused(settings, error, match):
     _trainer(**settings)
 
 
+def test_pool_as_its_own_target_is_refused(tmp_path):
+  pool = tmp_path / "pool.txt"
+  pool.write_text("some text " * 400)
+  with pytest.raises(ValueError, match="target_path and data_path share"):
+    _trainer(data_path=str(pool), target_path=f"{tmp_path}/./pool.txt")
+
+
 def test_short_target_text_is_refused(tmp_path):
   short = tmp_path / "short.txt"
   short.write_text("too short")
@@ -145,3 +152,61 @@ def test_signal_by_age_separates_random_bytes(tmp_path, capsys):
   assert rows[0]["random_bytes"]["alignment"] >= 0.9
   assert signal.main(["--pool_dir", str(tmp_path / "none")]) == 2
   assert "error: " in capsys.readouterr().err
+
+
+def test_hashed_ngrams_depend_only_on_the_ngram():
+  """Equal n-grams fall in equal buckets wherever they sit, within range;
+  the bag tells a sequence from its reversal (same bytes, other order)."""
+  from tasks.lm.tasks import NgramBag, hashed_ngrams
+  text = np.frombuffer(b"the cat and the hat and the bat", np.uint8)
+  tokens = jnp.asarray(text[None].astype(np.int32))
+  for order in (2, 3):
+    buckets = np.asarray(hashed_ngrams(tokens, order, 97))[0]
+    assert buckets.min() >= 0 and buckets.max() < 97
+    seen = {}
+    for t in range(order - 1, len(text)):
+      seen.setdefault(text[t - order + 1:t + 1].tobytes(), set()).add(
+          int(buckets[t]))
+    assert all(len(b) == 1 for b in seen.values())
+    assert len({b.pop() for b in seen.values()}) > len(seen) // 2
+  bag = NgramBag(97, 8, nnx.Rngs(0))
+  both = jnp.concatenate([tokens, tokens[:, ::-1]])
+  forward, backward = bag(both)
+  assert float(jnp.max(jnp.abs(forward - backward))) > 1e-3
+
+
+def test_generalisation_pools_hold_every_kind_in_its_fraction(tmp_path):
+  """experiments.data_rater.pools: each pool of a kind of target holds
+  clean text of that kind (never its held-out last tenth, the target),
+  five corruptions and off-target text of the two other kinds, in their
+  fractions; the same seed builds the same pool."""
+  import json
+
+  from experiments.data_rater import pools
+  texts = {kind: make() for kind, make in pools.TEXTS.items()}
+  length = 17
+  for kind in pools.KINDS_OF_TEXT:
+    out = tmp_path / kind
+    pool, target, kinds, names = pools.build(str(out), kind, length, 8_000,
+                                             0, texts)
+    assert names[0] == "clean" and len(names) == 8
+    assert json.load(open(out / "pool_labels.json")) == {
+        "names": list(names), "kinds": kinds.tolist()}
+    sequences = np.fromfile(pool, np.uint8).reshape(-1, length)
+    assert sequences.shape[0] == kinds.shape[0]
+    counts = np.bincount(kinds, minlength=len(names)) / kinds.shape[0]
+    np.testing.assert_allclose(counts[1:6], pools.FRACTIONS["corruption"],
+                               atol=0.01)
+    np.testing.assert_allclose(counts[6:], pools.FRACTIONS["off_target"],
+                               atol=0.01)
+    source, held = texts[kind], open(target, "rb").read()
+    assert source.endswith(held) and len(held) == len(source) // 10
+    for row in sequences[kinds == 0][:20]:
+      assert row.tobytes() in source[:-len(held)]
+    utf16 = sequences[kinds == names.index("utf16")]
+    assert np.mean(utf16[:, 1::2] == 0) > 0.5
+    again = pools.build(str(tmp_path / "again"), kind, length, 8_000, 0,
+                        texts)
+    assert open(again[0], "rb").read() == open(pool, "rb").read()
+  with pytest.raises(ValueError, match="unknown kind of text 'poetry'"):
+    pools.build(str(tmp_path), "poetry", length, 8_000, 0, texts)

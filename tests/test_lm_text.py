@@ -204,6 +204,27 @@ def test_episodes_shapes_and_parts():
     text.lm_episodes(corpus, "train", 0, 0, B)
 
 
+def test_target_text_gives_outer_batches_from_all_but_its_held_out_parts(
+    tmp_path):
+  """With a separate target text, meta-training's outer batches come from
+  its first 80% (no inner batch reads it), evaluation's from its held-out
+  parts; the inner batches stay the pool's."""
+  pool = text.TextCorpus(write(tmp_path, "pool.txt", letters(0, 4000)), L)
+  target = text.TextCorpus(write(tmp_path, "target.txt", letters(1, 4000)),
+                           L)
+  parts = {p: set(part_rows(target, p)) for p in text.PARTS}
+  outer = {}
+  for split, part in text.TARGET_PARTS.items():
+    episodes = data.take(text.lm_episodes(pool, split, 0, 2, 8,
+                                          outer_corpus=target), 40)
+    outer[split] = set(rows(episodes["outer"]))
+    assert outer[split] <= parts[part], split
+    assert set(rows(episodes["inner"])) <= set(part_rows(pool, "train"))
+  # 320 draws from the 400 sequences of the train part: more than the
+  # outer part's 50.
+  assert len(outer["train"]) > len(parts["outer"])
+
+
 def test_pickling_keeps_no_text(tmp_path):
   path = write(tmp_path, "big.txt", letters(2, 200_000))
   for corpus in (text.TextCorpus(path, seq_len=L), text.TextCorpus(seq_len=L)):

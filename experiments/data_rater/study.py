@@ -2,7 +2,8 @@
 text from noise, and does filtering by it save training compute?
 
     python -m experiments.data_rater [--out experiments/data_rater] \\
-        [--meta_steps 300] [--train_steps 600] [--keep 0.75] [--tiny]
+        [--meta_steps 300] [--train_steps 600] [--keep 0.75,0.6] [--tiny] \\
+        [--pools code,prose,structured] [--refilter]
 
 1. **A noisy pool** from the bundled texts (`build_pool`): sequences of
    ``seq_len + 1`` bytes of Shakespeare (bundled as
@@ -14,22 +15,30 @@ text from noise, and does filtering by it save training compute?
    into one file; ``pool_labels.json`` names each one's kind (``{"names":
    KINDS, "kinds": [index into names per sequence]}``, read by
    `experiments.data_rater.signal`).
-2. **Meta-training** `lm_data_rater` online on the pool, V on the target.
+2. **Meta-training** `lm_data_rater` online on the pool, V on the target,
+   at the task's own defaults (`default_settings`: its config's).
 3. **Scores**: the trained rater scores every sequence of the pool; ROC AUC
    of telling clean on-target sequences (positive) from each corrupted kind
    and from the off-target text.
-4. **Filtering**: fresh models (same initialisation, same held-out target
-   batches) trained with plain next-byte loss for ``--train_steps`` inner
-   steps, so on the same number of tokens, on (a) the whole pool, (b) its top
-   ``--keep`` fraction by score, (c) a random subset of the same size. Reported:
-   their held-out target loss curves, and the fraction of (a)'s tokens that
-   (b) needs to reach (a)'s final loss.
+4. **Filtering** (`add_filtering`): fresh models (same initialisation, same
+   held-out target batches) trained with plain next-byte loss for
+   ``--train_steps`` inner steps, so on the same number of tokens, on (a) the
+   whole pool, (b) its top fraction by score, for each ``--keep``, (c) a
+   random subset of the same size. Reported: their held-out target loss
+   curves, and the fraction of (a)'s tokens that (b) and (c) need to reach
+   (a)'s final loss.
 
 Writes ``OUT/data_rater.json`` and ``OUT/data_rater_scores.png``,
 ``OUT/data_rater_curves.png`` (``experiments/data_rater/`` is committed).
-``--tiny`` is the test's size (under a minute of meta-training; random
-bytes, repeated characters and off-target text separate, shuffled text does
-not).
+``--tiny`` is the test's size (under a minute of meta-training).
+
+``--pools code,prose,structured`` runs the same steps 2-4, with the same
+settings, on each pool of `experiments.data_rater.pools` instead (a kind of
+text as the target, the two others off-target, five corruptions): each
+pool's result in ``OUT/pools/<kind>/``, the summary in
+``OUT/generalisation.json`` and ``OUT/generalisation.png``. ``--refilter``
+redoes only step 4 (for other ``--keep`` fractions) from the pools and
+scores an earlier run left in ``OUT``.
 """
 
 from __future__ import annotations
@@ -50,17 +59,31 @@ from metaflow import data
 SHAKESPEARE = data.bundled_path("tinyshakespeare.txt")
 KINDS = ("clean", "random_bytes", "shuffled", "repeated", "off_target")
 
-#: The experiment's settings at the default and the test size.
-SIZES = {
-    "default": dict(preset="tiny", seq_len=64, batch_size=16, inner_steps=2,
-                    population=4, lifetime=200, meta_steps=300, outer_lr=3e-3,
-                    inner_lr=3e-3, train_steps=600, pool_bytes=400_000),
-    # A faster-learning inner model (inner_lr) with a longer life, so that
-    # the 60 meta-steps see models past the unigram stage.
-    "tiny": dict(preset="nano", seq_len=64, batch_size=8, inner_steps=2,
-                 population=2, lifetime=300, meta_steps=60, outer_lr=1e-2,
-                 inner_lr=1e-2, train_steps=40, pool_bytes=40_000),
-}
+#: The task fields the study takes from ``lm_data_rater``'s config.
+TASK_FIELDS = ("preset", "seq_len", "batch_size", "inner_lr", "rater_preset",
+               "rater_ngrams", "temperature")
+
+
+def default_settings() -> dict:
+  """The study's settings: ``lm_data_rater``'s own defaults (its config,
+  `launch.configs.lm_data_rater`: what ``launch.train --task=lm_data_rater``
+  runs), plus the study's ``train_steps`` (of the fresh models) and
+  ``pool_bytes`` (of clean text in the pool)."""
+  from launch.configs import lm_data_rater
+  config = lm_data_rater.get_config()
+  return dict(task={k: config.task[k] for k in TASK_FIELDS},
+              inner_steps=config.inner_steps,
+              population=config.online.population,
+              lifetime=config.online.lifetime, meta_steps=config.meta_steps,
+              outer_lr=config.outer_lr, train_steps=600, pool_bytes=400_000)
+
+
+#: The test's size: the defaults with a smaller, faster-learning inner
+#: model (nano, inner_lr) and a longer life, so that 60 meta-steps see
+#: models past the unigram stage.
+TINY = dict(task=dict(preset="nano", batch_size=8, inner_lr=1e-2),
+            population=2, lifetime=300, meta_steps=60, outer_lr=1e-2,
+            train_steps=40, pool_bytes=40_000)
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
@@ -80,15 +103,24 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_integer("train_steps", None, "Inner steps of the fresh models "
                        "(default: the size's).", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_float("keep", 0.75, "Fraction of the pool the rater keeps, in "
-                     "(0, 1).", flag_values=fv)
+  flags.DEFINE_list("keep", ["0.75", "0.6"], "Fractions of the pool the "
+                    "rater keeps, each in (0, 1) (the first one's figures "
+                    "are the headline's and the plots').", flag_values=fv)
   flags.DEFINE_string("shakespeare", SHAKESPEARE, "The on-target text.",
                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the pool, the models and the "
                        "random subset.", lower_bound=0, flag_values=fv)
+  flags.DEFINE_list("pools", [], "Instead of the study's own pool, the "
+                    "generalisation study on these pools of "
+                    "experiments.data_rater.pools (code, prose, structured): "
+                    "each in OUT/pools/<kind>/, the summary in "
+                    "OUT/generalisation.json.", flag_values=fv)
+  flags.DEFINE_boolean("refilter", False, "No meta-training: step 4 again "
+                       "(for --keep) on the pools and saved scores of OUT's "
+                       "earlier run.", flag_values=fv)
   _cli.parse_flags(fv, ["experiments.data_rater", *argv], __doc__,
                    passthrough=False, outputs=("out",))
-  return fv  # --keep and --shakespeare: checked by `run`.
+  return fv  # --keep and --shakespeare: checked by `run` / `run_pools`.
 
 
 def _cut(tokens: np.ndarray, length: int) -> np.ndarray:
@@ -154,10 +186,8 @@ def tokens_to_reach(curve: list, loss: float) -> Optional[int]:
 
 def _task(settings: dict, data_path: str, target_path: str):
   from metaflow.task import create_task
-  return create_task(
-      "lm_data_rater", data_path=data_path, target_path=target_path,
-      preset=settings["preset"], seq_len=settings["seq_len"],
-      batch_size=settings["batch_size"], inner_lr=settings["inner_lr"])
+  return create_task("lm_data_rater", data_path=data_path,
+                     target_path=target_path, **settings["task"])
 
 
 def _write_subset(path: str, sequences: np.ndarray, rows: np.ndarray) -> str:
@@ -167,6 +197,53 @@ def _write_subset(path: str, sequences: np.ndarray, rows: np.ndarray) -> str:
 
 
 def run(args: flags.FlagValues) -> dict:
+  """The study on its own pool (`build_pool`), written to ``args.out``."""
+  from tasks.lm import text
+
+  settings, keeps = _settings(args)
+  if args.refilter:
+    return refilter(args.out, keeps)
+  if not os.path.isfile(args.shakespeare):
+    raise FileNotFoundError(f"the on-target text {args.shakespeare!r} does "
+                            "not exist.")
+  pool, target, kinds = build_pool(
+      args.out, open(args.shakespeare, "rb").read(), text.embedded_text(),
+      settings["task"]["seq_len"] + 1, settings["pool_bytes"], args.seed)
+  with open(os.path.join(args.out, "pool_labels.json"), "w") as f:
+    json.dump({"names": list(KINDS), "kinds": kinds.tolist()}, f)
+  return evaluate(settings, pool, target, kinds, KINDS, args.out, args.seed,
+                  keeps, console=not args.tiny)
+
+
+def _settings(args: flags.FlagValues) -> tuple[dict, tuple[float, ...]]:
+  """The settings (`default_settings`, or the tiny size, with the flags'
+  overrides) and the keep fractions."""
+  try:
+    keeps = tuple(float(k) for k in args.keep)
+  except ValueError:
+    raise ValueError(f"--keep must be numbers in (0, 1), got "
+                     f"{','.join(args.keep)}.") from None
+  if not keeps or not all(0 < k < 1 for k in keeps):
+    raise ValueError(f"--keep must be numbers in (0, 1), got "
+                     f"{','.join(args.keep)}.")
+  settings = default_settings()
+  if args.tiny:
+    settings.update({**TINY, "task": {**settings["task"], **TINY["task"]}})
+  for key in ("meta_steps", "train_steps"):
+    if getattr(args, key) is not None:
+      settings[key] = getattr(args, key)
+  return settings, keeps
+
+
+def evaluate(settings: dict, pool: str, target: str, kinds: np.ndarray,
+             names: Sequence[str], out: str, seed: int,
+             keeps: Sequence[float], console: bool = True) -> dict:
+  """Meta-trains the rater on ``pool`` towards ``target``, scores the pool
+  and compares fresh models on the whole pool, its rater-filtered top
+  fractions ``keeps`` and random subsets of the same sizes (the module
+  docstring's steps 2-4; `add_filtering`). ``kinds``: each pool sequence's
+  index into ``names`` (``names[0]`` the clean kind). Returns the result
+  (the JSON's)."""
   import jax
   import optax
 
@@ -174,85 +251,129 @@ def run(args: flags.FlagValues) -> dict:
   from metaflow import sharding
   from metaflow.online import Online
   from metaflow.trainer import BilevelTrainer
-  from tasks.lm import text
 
   # The pool holds random bytes by construction: not UTF-8, on purpose.
   warnings.filterwarnings("ignore", category=UnicodeWarning)
-  settings = dict(SIZES["tiny" if args.tiny else "default"])
-  for key in ("meta_steps", "train_steps"):
-    if getattr(args, key) is not None:
-      settings[key] = getattr(args, key)
-  if not os.path.isfile(args.shakespeare):
-    raise FileNotFoundError(f"the on-target text {args.shakespeare!r} does "
-                            "not exist.")
-  if not 0 < args.keep < 1:
-    raise ValueError(f"--keep must be in (0, 1), got {args.keep}.")
-  length = settings["seq_len"] + 1
-  pool, target, kinds = build_pool(
-      args.out, open(args.shakespeare, "rb").read(), text.embedded_text(),
-      length, settings["pool_bytes"], args.seed)
-  with open(os.path.join(args.out, "pool_labels.json"), "w") as f:
-    json.dump({"names": list(KINDS), "kinds": kinds.tolist()}, f)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  t = settings["inner_steps"]
 
   start = time.perf_counter()
   trainer = BilevelTrainer(
-      _task(settings, pool, target), num_inner_steps=t, seed=args.seed,
+      _task(settings, pool, target), num_inner_steps=settings["inner_steps"],
+      seed=seed,
       outer_optimizer=optax.adam(settings["outer_lr"]), num_eval_tasks=8,
       online=Online(settings["population"], settings["lifetime"]), mesh=mesh)
   fit = trainer.fit(settings["meta_steps"], log_every=max(
-      1, settings["meta_steps"] // 10), console=not args.tiny)
+      1, settings["meta_steps"] // 10), console=console)
   meta_seconds = time.perf_counter() - start
 
   (scores,) = curate.score_files(trainer, fit.state.eta, [pool], 256)
   clean = scores[kinds == 0]
-  auc = {kind: roc_auc(clean, scores[kinds == k])
-         for k, kind in enumerate(KINDS) if k}
-  sequences = curate.sequences(pool, length)
-  rng = np.random.default_rng(args.seed + 1)
-  rater_rows = curate.top_fraction(scores, args.keep)
-  random_rows = np.sort(rng.permutation(len(scores))[:len(rater_rows)])
-  subsets = {
-      "whole pool": pool,
-      "rater filtered": _write_subset(os.path.join(args.out, "rater.txt"),
-                                      sequences, rater_rows),
-      "random filtered": _write_subset(os.path.join(args.out, "random.txt"),
-                                       sequences, random_rows)}
-  kept = {kind: float(np.mean(np.isin(np.flatnonzero(kinds == k),
-                                      rater_rows)))
-          for k, kind in enumerate(KINDS)}
-
-  steps = settings["train_steps"]
-  every = max(t, steps // 20 // t * t)
-  curves = {}
-  for name, path in subsets.items():
-    fresh = BilevelTrainer(_task(settings, path, target), num_inner_steps=t,
-                           meta_batch_size=1, seed=args.seed, mesh=mesh)
-    # The initial rater weights every sequence 1: plain training.
-    curves[name] = fresh.inner_curve(fresh.init_state().eta, steps,
-                                     eval_every=every)
-  final = {name: curve[-1][1] for name, curve in curves.items()}
-  reach = tokens_to_reach(curves["rater filtered"], final["whole pool"])
-  return {
-      "settings": settings, "keep": args.keep, "seed": args.seed,
+  result = {
+      "settings": settings, "seed": seed,
       "pool_sequences": {kind: int(np.sum(kinds == k))
-                         for k, kind in enumerate(KINDS)},
+                         for k, kind in enumerate(names)},
       "meta_training": {"seconds": meta_seconds,
                         "initial_eval": fit.initial_eval,
                         "final_eval": fit.final_eval},
-      "roc_auc": auc,
-      "kept_fraction_by_kind": kept,
+      "roc_auc": {kind: roc_auc(clean, scores[kinds == k])
+                  for k, kind in enumerate(names) if k},
       "score_by_kind": {kind: {"mean": float(np.mean(scores[kinds == k])),
                                "std": float(np.std(scores[kinds == k]))}
-                        for k, kind in enumerate(KINDS)},
-      "tokens_per_step": settings["batch_size"] * settings["seq_len"],
-      "curves": curves, "final_target_loss": final,
-      "rater_steps_to_whole_pool_final": reach,
-      "rater_token_fraction": None if reach is None else reach / steps,
+                        for k, kind in enumerate(names)},
+      "tokens_per_step": (settings["task"]["batch_size"]
+                          * settings["task"]["seq_len"]),
       "scores": {kind: scores[kinds == k].tolist()
-                 for k, kind in enumerate(KINDS)},
+                 for k, kind in enumerate(names)},
       **benchmark.platform_info()}
+  return add_filtering(result, pool, target, kinds, names, keeps, out)
+
+
+def add_filtering(result: dict, pool: str, target: str, kinds: np.ndarray,
+                  names: Sequence[str], keeps: Sequence[float], out: str
+                  ) -> dict:
+  """``result`` (a scored pool's: ``settings``, ``seed``, ``scores`` by
+  kind) with the filtering's step 4 added: fresh models (plain next-byte
+  loss, the same initialisation and target batches) trained
+  ``train_steps`` inner steps on the whole ``pool``, and for each fraction
+  of ``keeps`` on its top fraction by score and on a random subset of the
+  same size (``OUT/rater.txt``, ``OUT/random.txt``: the last fraction's).
+
+  Per fraction (``by_keep``, keyed ``f"{keep:g}"``): the held-out target
+  loss curves, their final losses, the fraction of the whole pool's tokens
+  at which each subset first reaches the whole pool's final loss (None:
+  never), and the fraction of each kind kept. The first fraction's are
+  also at the top level (``keep``, ``curves``, ``final_target_loss``,
+  ``rater_token_fraction``, ``random_token_fraction``,
+  ``kept_fraction_by_kind``)."""
+  import jax
+
+  from metaflow import sharding
+  from metaflow.trainer import BilevelTrainer
+
+  warnings.filterwarnings("ignore", category=UnicodeWarning)  # the pools'
+  settings, seed = result["settings"], result["seed"]
+  scores = np.zeros(kinds.shape[0])
+  for k, kind in enumerate(names):
+    scores[kinds == k] = result["scores"][kind]
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  t, steps = settings["inner_steps"], settings["train_steps"]
+  every = max(t, steps // 20 // t * t)
+
+  def curve(path: str) -> list:
+    fresh = BilevelTrainer(_task(settings, path, target), num_inner_steps=t,
+                           meta_batch_size=1, seed=seed, mesh=mesh)
+    # The initial rater weights every sequence 1: plain training.
+    return fresh.inner_curve(fresh.init_state().eta, steps, eval_every=every)
+
+  sequences = curate.sequences(pool, settings["task"]["seq_len"] + 1)
+  os.makedirs(out, exist_ok=True)
+  whole = curve(pool)
+  by_keep = {}
+  for keep in keeps:
+    rng = np.random.default_rng(seed + 1)
+    rater_rows = curate.top_fraction(scores, keep)
+    random_rows = np.sort(rng.permutation(len(scores))[:len(rater_rows)])
+    curves = {
+        "whole pool": whole,
+        "rater filtered": curve(_write_subset(os.path.join(
+            out, "rater.txt"), sequences, rater_rows)),
+        "random filtered": curve(_write_subset(os.path.join(
+            out, "random.txt"), sequences, random_rows))}
+    final = {name: c[-1][1] for name, c in curves.items()}
+    by_keep[f"{keep:g}"] = {
+        "curves": curves, "final_target_loss": final,
+        "rater_token_fraction": _token_fraction(
+            curves["rater filtered"], final["whole pool"], steps),
+        "random_token_fraction": _token_fraction(
+            curves["random filtered"], final["whole pool"], steps),
+        "kept_fraction_by_kind": {
+            kind: float(np.mean(np.isin(np.flatnonzero(kinds == k),
+                                        rater_rows)))
+            for k, kind in enumerate(names)}}
+  return {**result, "keep": keeps[0], **by_keep[f"{keeps[0]:g}"],
+          "by_keep": by_keep}
+
+
+def refilter(out: str, keeps: Sequence[float]) -> dict:
+  """`add_filtering` again on the pool of ``OUT/data_rater.json`` (its
+  pool files and saved scores; no meta-training), for ``keeps``."""
+  path = os.path.join(out, "data_rater.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--refilter needs {path}, a study's result.")
+  with open(path) as f:
+    result = json.load(f)
+  with open(os.path.join(out, "pool_labels.json")) as f:
+    labels = json.load(f)
+  return add_filtering(
+      result, os.path.join(out, "pool.txt"), os.path.join(out, "target.txt"),
+      np.asarray(labels["kinds"]), labels["names"], keeps, out)
+
+
+def _token_fraction(curve: list, loss: float, steps: int) -> Optional[float]:
+  """The fraction of ``steps`` at which ``curve`` first reaches ``loss``
+  (None: never)."""
+  reach = tokens_to_reach(curve, loss)
+  return None if reach is None else reach / steps
 
 
 def plot_scores(result: dict, plt):
@@ -271,13 +392,20 @@ def plot_scores(result: dict, plt):
 def plot_curves(result: dict, plt):
   fig, ax = plt.subplots(figsize=(7, 4))
   tokens = result["tokens_per_step"]
-  for name, curve in result["curves"].items():
+
+  def draw(curve, **style):
     steps, losses = zip(*curve)
-    ax.plot(np.array(steps) * tokens, losses, label=name)
+    ax.plot(np.array(steps) * tokens, losses, **style)
+
+  draw(result["curves"]["whole pool"], color="k", label="whole pool")
+  for j, (keep, row) in enumerate(result["by_keep"].items()):
+    for name, color in (("rater filtered", "C0"), ("random filtered", "C1")):
+      draw(row["curves"][name], color=color, ls=("-", "--", ":")[j % 3],
+           label=f"{name}, keep {float(keep):.0%}")
   ax.set_xlabel("training tokens")
   ax.set_ylabel("held-out target loss")
-  ax.set_title(f"fresh models, keep {result['keep']:.0%}")
-  ax.legend()
+  ax.set_title("fresh models on the whole and the filtered pools")
+  ax.legend(fontsize=8)
   return fig
 
 
@@ -286,25 +414,94 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return _cli.call_main(_main, argv)
 
 
-def _main(argv: Sequence[str]) -> int:
-  args = parse_args(argv)
-  try:
-    result = run(args)
-  except (ValueError, FileNotFoundError) as e:
-    raise _cli.UsageError(_cli.one_line(e)) from None
-  path = os.path.join(args.out, "data_rater.json")
+def run_pools(args: flags.FlagValues) -> dict:
+  """The generalisation study: `evaluate` on each pool of ``args.pools``
+  (`experiments.data_rater.pools`), with the same settings (with
+  ``--refilter``, `refilter` on the pools already there); each pool's
+  result written to ``OUT/pools/<kind>/``. Returns the summary."""
+  from experiments.data_rater import pools
+
+  settings, keeps = _settings(args)
+  unknown = sorted(set(args.pools) - set(pools.KINDS_OF_TEXT))
+  if unknown:
+    raise ValueError(f"unknown pools {unknown}; known: "
+                     f"{', '.join(pools.KINDS_OF_TEXT)}.")
+  texts = {kind: make() for kind, make in pools.TEXTS.items()}
+  summary = {"settings": settings, "keeps": list(keeps), "pools": {}}
+  for kind in args.pools:
+    out = os.path.join(args.out, "pools", kind)
+    if args.refilter:
+      result = refilter(out, keeps)
+    else:
+      pool, target, kinds, names = pools.build(
+          out, kind, settings["task"]["seq_len"] + 1,
+          settings["pool_bytes"], args.seed, texts)
+      result = evaluate(settings, pool, target, kinds, names, out,
+                        args.seed, keeps, console=not args.tiny)
+    _write(result, out)
+    summary["settings"] = result["settings"]
+    summary["pools"][kind] = {
+        "roc_auc": result["roc_auc"],
+        "meta_training_seconds": result["meta_training"]["seconds"],
+        "by_keep": {keep: {key: value for key, value in row.items()
+                           if key != "curves"}
+                    for keep, row in result["by_keep"].items()}}
+  summary.update(benchmark.platform_info())
+  return summary
+
+
+def plot_generalisation(summary: dict, plt):
+  pools = list(summary["pools"])
+  fig, axes = plt.subplots(1, len(pools), figsize=(4.5 * len(pools), 4),
+                           squeeze=False)
+  for ax, kind in zip(axes[0], pools):
+    auc = summary["pools"][kind]["roc_auc"]
+    bars = ax.barh(list(auc), list(auc.values()))
+    ax.bar_label(bars, fmt="%.3f", label_type="center", color="w",
+                 fontsize=8)
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_title(f"target: {kind}", fontsize=9)
+    ax.set_xlabel("ROC AUC, clean vs the kind")
+  fig.suptitle("one rater's defaults on pools it was not tuned on")
+  return fig
+
+
+def _write(result: dict, out: str) -> None:
+  """``OUT/data_rater.json`` and its two plots."""
+  path = os.path.join(out, "data_rater.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {path}")
   for name, fn in (("scores", plot_scores), ("curves", plot_curves)):
     benchmark.save_plot([result], lambda rows, plt, fn=fn: fn(rows[0], plt),
-                        os.path.join(args.out, f"data_rater_{name}.png"))
+                        os.path.join(out, f"data_rater_{name}.png"))
   print("ROC AUC (clean vs):", {k: round(v, 3)
                                 for k, v in result["roc_auc"].items()})
   print("final target loss:", {k: round(v, 4) for k, v in
                                result["final_target_loss"].items()})
-  print("rater-filtered token fraction to reach the whole pool's final "
-        f"loss: {result['rater_token_fraction']}")
+  for keep, row in result["by_keep"].items():
+    print(f"keep {keep}: token fraction to reach the whole pool's final "
+          f"loss: rater filtered {row['rater_token_fraction']}, random "
+          f"filtered {row['random_token_fraction']}")
+
+
+def _main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  try:
+    if args.pools:
+      summary = run_pools(args)
+    else:
+      _write(run(args), args.out)
+      return 0
+  except (ValueError, FileNotFoundError) as e:
+    raise _cli.UsageError(_cli.one_line(e)) from None
+  path = os.path.join(args.out, "generalisation.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
+  benchmark.save_plot([summary], lambda rows, plt: plot_generalisation(
+      rows[0], plt), os.path.join(args.out, "generalisation.png"))
+  print(f"wrote {path}")
   return 0
 
 

@@ -412,7 +412,7 @@ def _ladder_preset(d_model: int, kv_size: int, heads: int, layers: int
 
 
 PRESETS: dict[str, TransformerConfig] = {
-    # lm_data_rater's default rater: 7.2k parameters, 18x fewer than tiny.
+    # lm_data_rater's rater trunk: 7.2k parameters, 18x fewer than tiny.
     "rater": TransformerConfig(width=16, depth=1, num_heads=2,
                                max_length=_LADDER_MAX_LENGTH),
     "nano": TransformerConfig(width=32, depth=2, num_heads=2, max_length=128),

@@ -19,7 +19,8 @@ part: ``"outer"`` during meta-training, the held-out ``"validation"`` or
                           enters L, so the meta-gradient needs the mixed second
                           derivative d2L/dtheta deta (MixFlow-MG's H_et v).
 ``lm_data_rater``         DataRater (Calian et al., 2025): a small transformer
-                          scores each training sequence, the scores compete in
+                          and a bag of hashed byte n-grams score each training
+                          sequence, the scores compete in
                           a softmax over the inner batch that weights the
                           per-sequence losses, and V is measured on a target
                           text (by default the pool's own outer part); eta
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, ClassVar, Optional
 
 import grain
@@ -305,26 +307,79 @@ class LossWeightingLM(LanguageModelTask):
                       loss_weights=LossWeights(rater, self.max_weight))
 
 
+#: Multipliers of the n-gram hash (odd 32-bit constants, one per byte of
+#: the n-gram): h = sum_j c_j b_{t-j} mod 2^32, then mod the buckets.
+_NGRAM_HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+def hashed_ngrams(tokens: jax.Array, order: int, buckets: int) -> jax.Array:
+  """int32 ``[B, S]`` -> int32 ``[B, S]``: the bucket in ``range(buckets)``
+  of the n-gram of ``order`` bytes ending at each position (positions
+  before the ``order``-th see zero bytes before the sequence's start)."""
+  x = jnp.pad(tokens.astype(jnp.uint32), ((0, 0), (order - 1, 0)))
+  length = tokens.shape[1]
+  h = jnp.zeros_like(tokens, jnp.uint32)
+  for j in range(order):  # byte t - j times its multiplier, wrapping
+    h = h + x[:, order - 1 - j:order - 1 - j + length] * jnp.uint32(
+        _NGRAM_HASH[j])
+  return (h % jnp.uint32(buckets)).astype(jnp.int32)
+
+
+class NgramBag(nnx.Module):
+  """A sequence's bag of hashed byte n-grams: int tokens ``[B, S]`` ->
+  ``[B, D]``, the mean over positions of the embeddings of each position's
+  bigram and trigram (`hashed_ngrams`, one table of ``buckets`` rows per
+  order), through a GELU layer. It sees directly what a one-layer
+  transformer of width 16 sees only faintly: which byte pairs and triples a
+  text uses (code, prose and tables differ there; so do lines reversed).
+  """
+
+  ORDERS: ClassVar[tuple[int, ...]] = (2, 3)
+
+  def __init__(self, buckets: int, dim: int, rngs: nnx.Rngs,
+               param_dtype: Any = jnp.float32):
+    self.buckets = buckets
+    self.tables = nnx.List([
+        nnx.Embed(buckets, dim, param_dtype=param_dtype, rngs=rngs)
+        for _ in self.ORDERS])
+    self.hidden = nnx.Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    bag = sum(jnp.mean(table(hashed_ngrams(tokens, order, self.buckets)),
+                       axis=1)
+              for order, table in zip(self.ORDERS, self.tables))
+    return jax.nn.gelu(self.hidden(bag))
+
+
 class SequenceRater(nnx.Module):
   """DataRater's rater: int tokens ``[B, S]`` (whole sequences) -> one score
   per sequence ``[B]``.
 
   A small transformer trunk (`tasks.lm.model.Transformer` without its
   head), its final hidden states ``[B, S, W]`` averaged over the positions,
-  and a linear score whose weights start at zero: an untrained rater gives
-  every sequence the same score, so meta-training starts from plain
-  training and any separation it shows was learned.
+  next to a bag of hashed byte n-grams (`NgramBag`, ``[B, D]``; none with
+  ``ngram_buckets=0``), and a linear score of both whose weights start at
+  zero: an untrained rater gives every sequence the same score, so
+  meta-training starts from plain training and any separation it shows
+  was learned.
   """
 
-  def __init__(self, config: lm_model.TransformerConfig, rngs: nnx.Rngs):
+  def __init__(self, config: lm_model.TransformerConfig, rngs: nnx.Rngs,
+               ngram_buckets: int = 0, ngram_dim: int = 32):
     self.trunk = lm_model.Transformer(config, rngs, head=False)
-    self.score = nnx.Linear(config.width, 1,
-                            kernel_init=nnx.initializers.zeros,
-                            param_dtype=self.trunk.dtypes.param, rngs=rngs)
+    dtype = self.trunk.dtypes.param
+    self.ngrams = (NgramBag(ngram_buckets, ngram_dim, rngs, dtype)
+                   if ngram_buckets else None)
+    width = config.width + (ngram_dim if ngram_buckets else 0)
+    self.score = nnx.Linear(width, 1, kernel_init=nnx.initializers.zeros,
+                            param_dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    pooled = jnp.mean(self.trunk.hidden(tokens), axis=1)
-    return self.score(pooled.astype(self.trunk.dtypes.param))[:, 0]
+    dtype = self.trunk.dtypes.param
+    features = [jnp.mean(self.trunk.hidden(tokens), axis=1).astype(dtype)]
+    if self.ngrams is not None:
+      features.append(self.ngrams(tokens).astype(dtype))
+    return self.score(jnp.concatenate(features, axis=-1))[:, 0]
 
 
 @register("lm_data_rater")
@@ -343,28 +398,40 @@ class DataRaterLM(LanguageModelTask):
   Attributes:
     data_path: the training pool (may be noisy), comma-separated files;
       "" for the embedded corpus.
-    target_path: the target text(s) whose held-out loss V measures,
-      comma-separated; "" for the pool's own outer part. Its parts are used
-      as the pool's (``outer`` in meta-training, ``validation`` / ``test``
-      in evaluation).
+    target_path: the target text(s) whose loss V measures,
+      comma-separated; "" for the pool's own outer part. No inner batch
+      reads it, so meta-training's V batches come from its first 80%
+      (`tasks.lm.text.TARGET_PARTS`), evaluation's from its held-out
+      ``validation`` / ``test`` parts.
     rater_preset: the rater trunk's `tasks.lm.model.PRESETS` name (default
       ``"rater"``, far smaller than the inner model).
+    rater_ngrams: buckets of each table of the rater's hashed byte bigrams
+      and trigrams (`NgramBag`, next to the trunk); 0 for none.
     temperature: the softmax temperature of the weights.
   """
   target_path: str = ""
   rater_preset: str = "rater"
+  rater_ngrams: int = 4096
   temperature: float = 1.0
   resample_init: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "temperature", check_number(
         "temperature", self.temperature, strict=True))
+    check_int("rater_ngrams", self.rater_ngrams, 0)
     if self.seq_len + 1 > self.rater_config.max_length:
       raise ValueError(
           f"seq_len + 1 = {self.seq_len + 1} is above the maximum length "
           f"{self.rater_config.max_length} of rater preset "
           f"{self.rater_preset!r}.")
     super().__post_init__()
+    shared = ({os.path.realpath(p) for p in _paths(self.target_path)}
+              & {os.path.realpath(p) for p in _paths(self.data_path)})
+    if shared:
+      raise ValueError(
+          f"target_path and data_path share {sorted(shared)}: V would be "
+          "measured on the inner models' training text; give a separate "
+          "target text, or target_path='' for the pool's own outer part.")
     self.target_corpus  # Reads and checks the target files now.
 
   @functools.cached_property
@@ -395,7 +462,8 @@ class DataRaterLM(LanguageModelTask):
     return meta.weighted_mean(losses, self.loss_features(batch))
 
   def meta_params(self) -> MetaParams:
-    rater = functools.partial(SequenceRater, self.rater_config)
+    rater = functools.partial(SequenceRater, self.rater_config,
+                              ngram_buckets=self.rater_ngrams)
     return MetaParams(learning_rate=self.inner_lr, loss_weights=LossWeights(
         rater, normalise="softmax", temperature=self.temperature))
 

@@ -58,6 +58,12 @@ PARTS = tuple(PART_FRACTIONS)
 #: The part that gives the outer batches of each split of `metaflow.data`.
 OUTER_PARTS = {"train": "outer", "validation": "validation", "test": "test"}
 
+#: The same for a separate target text (`lm_episodes`' ``outer_corpus``):
+#: no inner batch comes from it, so meta-training's outer batches take its
+#: first 80% (its ``"train"`` part), 8 times the text of its ``"outer"``
+#: part; its held-out parts stay held out.
+TARGET_PARTS = {"train": "train", "validation": "validation", "test": "test"}
+
 #: Name of the embedded corpus in messages.
 EMBEDDED_NAME = "embedded corpus (pydoc_data.topics)"
 
@@ -465,7 +471,7 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
   seed, split)`` (a fresh batch per inner step), and ``"outer"`` is item ``i``
   of ``batches(corpus, OUTER_PARTS[split], B, seed, split)``: the ``"outer"``
   part for meta-training, the held-out ``"validation"`` and ``"test"`` parts
-  otherwise.
+  otherwise (of ``outer_corpus`` if given, by `TARGET_PARTS`).
 
   Args:
     corpus: the text.
@@ -478,8 +484,8 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
       process's share when the sequences are split over processes. Default:
       all B.
     outer_corpus: the text of the outer batches (default ``corpus``): a
-      target text, different from the training pool, whose loss V measures.
-      Its parts are used as ``corpus``'s are (`OUTER_PARTS`).
+      target text, different from the training pool, whose loss V measures
+      (its parts by `TARGET_PARTS`).
 
   Returns:
     A picklable dataset of `metaflow.data.NUM_EPISODES` episodes; item ``i``
@@ -495,7 +501,9 @@ def lm_episodes(corpus: TextCorpus, split: str, seed: int,
                      f"batch of {batch_size}.")
   make = _Episode(
       inner=_stream(corpus, "train", num_inner_steps * batch_size, seed, split),
-      outer=_stream(corpus if outer_corpus is None else outer_corpus,
-                    OUTER_PARTS[split], batch_size, seed, split),
+      outer=(_stream(corpus, OUTER_PARTS[split], batch_size, seed, split)
+             if outer_corpus is None else
+             _stream(outer_corpus, TARGET_PARTS[split], batch_size, seed,
+                     split)),
       num_inner_steps=num_inner_steps, rows=positions)
   return grain.MapDataset.range(data.NUM_EPISODES).map(make)
