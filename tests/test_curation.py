@@ -22,6 +22,10 @@ from tests.test_resume import REPO
 
 SEQ_LEN = 16
 
+# One xdist worker builds the module's `run` fixture (a launch.train run)
+# once for all its tests, instead of each worker building its own.
+pytestmark = pytest.mark.xdist_group("curation")
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -409,11 +409,6 @@ def plot_curves(result: dict, plt):
   return fig
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """The exit status of the command (`launch._cli.call_main`)."""
-  return _cli.call_main(_main, argv)
-
-
 def run_pools(args: flags.FlagValues) -> dict:
   """The generalisation study: `evaluate` on each pool of ``args.pools``
   (`experiments.data_rater.pools`), with the same settings (with
@@ -484,6 +479,11 @@ def _write(result: dict, out: str) -> None:
     print(f"keep {keep}: token fraction to reach the whole pool's final "
           f"loss: rater filtered {row['rater_token_fraction']}, random "
           f"filtered {row['random_token_fraction']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The exit status of the command (`launch._cli.call_main`)."""
+  return _cli.call_main(_main, argv)
 
 
 def _main(argv: Sequence[str]) -> int:
