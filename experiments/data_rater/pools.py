@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from experiments.data_rater import study
 from metaflow import data
 
 KINDS_OF_TEXT = ("code", "prose", "structured")
@@ -183,13 +184,7 @@ def build(out: str, target_kind: str, length: int, pool_bytes: int,
     kinds.append(np.full(n, k))
   sequences, kinds = np.concatenate(sequences), np.concatenate(kinds)
   order = rng.permutation(sequences.shape[0])
-  os.makedirs(out, exist_ok=True)
-  pool_path, target_path = (os.path.join(out, name)
-                            for name in ("pool.txt", "target.txt"))
-  with open(pool_path, "wb") as f:
-    f.write(sequences[order].tobytes())
-  with open(target_path, "wb") as f:
-    f.write(target.tobytes())
+  pool_path, target_path = study.write_pool(out, sequences[order], target)
   with open(os.path.join(out, "pool_labels.json"), "w") as f:
     json.dump({"names": list(names), "kinds": kinds[order].tolist()}, f)
   return pool_path, target_path, kinds[order], names

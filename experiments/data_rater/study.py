@@ -156,14 +156,22 @@ def build_pool(out: str, on_target: bytes, off_target: bytes, length: int,
   sequences = np.concatenate([sequences, off])
   kinds = np.concatenate([kinds, np.full(off.shape[0], 4)])
   order = rng.permutation(sequences.shape[0])
+  pool_path, target_path = write_pool(out, sequences[order], target)
+  return pool_path, target_path, kinds[order]
+
+
+def write_pool(out: str, sequences: np.ndarray, target: np.ndarray
+               ) -> tuple[str, str]:
+  """Writes ``sequences`` (uint8 ``[N, L+1]``) to ``OUT/pool.txt`` and
+  ``target`` (uint8 ``[M]``) to ``OUT/target.txt``; returns their paths."""
   os.makedirs(out, exist_ok=True)
   pool_path, target_path = (os.path.join(out, name)
                             for name in ("pool.txt", "target.txt"))
   with open(pool_path, "wb") as f:
-    f.write(sequences[order].tobytes())
+    f.write(sequences.tobytes())
   with open(target_path, "wb") as f:
     f.write(target.tobytes())
-  return pool_path, target_path, kinds[order]
+  return pool_path, target_path
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
