@@ -16,7 +16,8 @@ The suite compiles many identical programs: a trainer rebuilt for a resume,
 every ``python -m launch.train`` a test starts (SIGKILL and resume, workers,
 several processes). JAX's persistent compilation cache, in a folder made for
 this session (inherited by the pytest-xdist workers and by every command the
-tests start) and removed at its end, compiles each of them once. A cached
+tests start; every program in it, however quick to compile) and removed at
+its end, compiles each of them once. A cached
 executable is the one XLA compiled for the same program and options, so
 nothing a test checks changes; a run that sets ``JAX_COMPILATION_CACHE_DIR``
 itself keeps its own.
@@ -39,6 +40,11 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:  # the pytest process itself: the workers inherit the folder
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
       prefix="metaflow-tests-jax-cache-")
+  # Every program, not only those compiling for over a second (JAX's
+  # default): at the fastest-compiling level most compile in less, and the
+  # commands a test starts again and again (a SIGKILL and its resume)
+  # compile the same ones (tests/test_resume.py: 99 s -> 80 s).
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -55,6 +61,13 @@ def x64():
   """Enables float64 for one test."""
   with jax.enable_x64(True):
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first (otherwise in file order): pytest-xdist hands the
+  tests out in this order, so the last ones to start are short and neither
+  worker idles long at the end while the other finishes a long test."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_unconfigure(config):

@@ -175,6 +175,22 @@ def test_hashed_ngrams_depend_only_on_the_ngram():
   assert float(jnp.max(jnp.abs(forward - backward))) > 1e-3
 
 
+def test_lag_matches_find_a_repeated_piece():
+  """r_k, the fraction of bytes equal to the one k before, against a plain
+  loop; a piece of p bytes repeated has r_p = 1 (and r at multiples of p)."""
+  from tasks.lm.tasks import lag_matches
+  rng = np.random.default_rng(0)
+  text = rng.integers(0, 256, (2, 40)).astype(np.int32)
+  text[1] = np.resize(text[1, :6], 40)  # a 6-byte piece repeated
+  r = np.asarray(lag_matches(jnp.asarray(text), 16))
+  assert r.shape == (2, 16)
+  expected = [[np.mean(row[k:] == row[:-k]) for k in range(1, 17)]
+              for row in text]
+  np.testing.assert_allclose(r, expected, rtol=1e-6)
+  np.testing.assert_array_equal(np.flatnonzero(r[1] == 1) + 1, [6, 12])
+  assert r[0].max() < 0.2
+
+
 def test_generalisation_pools_hold_every_kind_in_its_fraction(tmp_path):
   """experiments.data_rater.pools: each pool of a kind of target holds
   clean text of that kind (never its held-out last tenth, the target),

@@ -20,8 +20,9 @@ text from noise, and does filtering by it save training compute?
 3. **Scores**: the trained rater scores every sequence of the pool; ROC AUC
    of telling clean on-target sequences (positive) from each corrupted kind
    and from the off-target text.
-4. **Filtering** (`add_filtering`): fresh models (same initialisation, same
-   held-out target batches) trained with plain next-byte loss for
+4. **Filtering** (`add_filtering`): fresh models (per seed, the same
+   initialisation and held-out target batches for every subset; each curve
+   the mean over 3 seeds) trained with plain next-byte loss for
    ``--train_steps`` inner steps, so on the same number of tokens, on (a) the
    whole pool, (b) its top fraction by score, for each ``--keep``, (c) a
    random subset of the same size. Reported: their held-out target loss
@@ -67,7 +68,8 @@ TASK_FIELDS = ("preset", "seq_len", "batch_size", "inner_lr", "rater_preset",
 def default_settings() -> dict:
   """The study's settings: ``lm_data_rater``'s own defaults (its config,
   `launch.configs.lm_data_rater`: what ``launch.train --task=lm_data_rater``
-  runs), plus the study's ``train_steps`` (of the fresh models) and
+  runs), plus the study's ``train_steps`` and ``filter_seeds`` (of the
+  fresh models: each curve is the mean of that many seeds') and
   ``pool_bytes`` (of clean text in the pool)."""
   from launch.configs import lm_data_rater
   config = lm_data_rater.get_config()
@@ -75,7 +77,8 @@ def default_settings() -> dict:
               inner_steps=config.inner_steps,
               population=config.online.population,
               lifetime=config.online.lifetime, meta_steps=config.meta_steps,
-              outer_lr=config.outer_lr, train_steps=600, pool_bytes=400_000)
+              outer_lr=config.outer_lr, train_steps=600, filter_seeds=3,
+              pool_bytes=400_000)
 
 
 #: The test's size: the defaults with a smaller, faster-learning inner
@@ -83,7 +86,7 @@ def default_settings() -> dict:
 #: models past the unigram stage.
 TINY = dict(task=dict(preset="nano", batch_size=8, inner_lr=1e-2),
             population=2, lifetime=300, meta_steps=60, outer_lr=1e-2,
-            train_steps=40, pool_bytes=40_000)
+            train_steps=40, filter_seeds=1, pool_bytes=40_000)
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
@@ -301,10 +304,11 @@ def add_filtering(result: dict, pool: str, target: str, kinds: np.ndarray,
                   ) -> dict:
   """``result`` (a scored pool's: ``settings``, ``seed``, ``scores`` by
   kind) with the filtering's step 4 added: fresh models (plain next-byte
-  loss, the same initialisation and target batches) trained
-  ``train_steps`` inner steps on the whole ``pool``, and for each fraction
-  of ``keeps`` on its top fraction by score and on a random subset of the
-  same size (``OUT/rater.txt``, ``OUT/random.txt``: the last fraction's).
+  loss; per seed, the same initialisation and target batches for every
+  subset; each curve the mean over ``settings["filter_seeds"]`` seeds)
+  trained ``train_steps`` inner steps on the whole ``pool``, and for each
+  fraction of ``keeps`` on its top fraction by score and on a random subset
+  of the same size (``OUT/rater.txt``, ``OUT/random.txt``: the last fraction's).
 
   Per fraction (``by_keep``, keyed ``f"{keep:g}"``): the held-out target
   loss curves, their final losses, the fraction of the whole pool's tokens
@@ -328,10 +332,15 @@ def add_filtering(result: dict, pool: str, target: str, kinds: np.ndarray,
   every = max(t, steps // 20 // t * t)
 
   def curve(path: str) -> list:
-    fresh = BilevelTrainer(_task(settings, path, target), num_inner_steps=t,
-                           meta_batch_size=1, seed=seed, mesh=mesh)
-    # The initial rater weights every sequence 1: plain training.
-    return fresh.inner_curve(fresh.init_state().eta, steps, eval_every=every)
+    runs = []
+    for i in range(settings.get("filter_seeds", 1)):
+      fresh = BilevelTrainer(_task(settings, path, target), num_inner_steps=t,
+                             meta_batch_size=1, seed=seed + i, mesh=mesh)
+      # The initial rater weights every sequence 1: plain training.
+      runs.append(fresh.inner_curve(fresh.init_state().eta, steps,
+                                    eval_every=every))
+    return [(step, float(np.mean([run[j][1] for run in runs])))
+            for j, (step, _) in enumerate(runs[0])]
 
   sequences = curate.sequences(pool, settings["task"]["seq_len"] + 1)
   os.makedirs(out, exist_ok=True)

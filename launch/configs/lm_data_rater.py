@@ -10,7 +10,8 @@ def get_config():
   config.task.target_path = ""        # "" = the pool's own outer part
   config.task.rater_preset = "rater"  # tasks.lm.model.PRESETS
   config.task.rater_ngrams = 4096     # hashed bigram and trigram buckets
-                                      # of the rater (0: none)
+                                      # of the rater, with its lag repeats
+                                      # (0: neither)
   config.task.temperature = 1.0       # weights: B * softmax(scores / temp)
   config.task.resample_init = True    # (online: every learner is fresh)
   config.task.seq_len = 64

@@ -325,16 +325,29 @@ def hashed_ngrams(tokens: jax.Array, order: int, buckets: int) -> jax.Array:
   return (h % jnp.uint32(buckets)).astype(jnp.int32)
 
 
+def lag_matches(tokens: jax.Array, lags: int) -> jax.Array:
+  """int ``[B, S]`` -> float32 ``[B, lags]``: for k = 1..lags, the fraction
+  r_k = mean_{t >= k} [x_t == x_{t-k}] of positions whose byte repeats the
+  one k before. Text repeating a period of p <= lags bytes has r_p = 1."""
+  return jnp.stack([jnp.mean(tokens[:, k:] == tokens[:, :-k], axis=1)
+                    for k in range(1, lags + 1)], axis=1).astype(jnp.float32)
+
+
 class NgramBag(nnx.Module):
-  """A sequence's bag of hashed byte n-grams: int tokens ``[B, S]`` ->
-  ``[B, D]``, the mean over positions of the embeddings of each position's
-  bigram and trigram (`hashed_ngrams`, one table of ``buckets`` rows per
-  order), through a GELU layer. It sees directly what a one-layer
-  transformer of width 16 sees only faintly: which byte pairs and triples a
-  text uses (code, prose and tables differ there; so do lines reversed).
+  """A sequence's byte statistics: int tokens ``[B, S]`` -> ``[B, D]``.
+
+  The mean over positions of the embeddings of each position's bigram and
+  trigram (`hashed_ngrams`, one table of ``buckets`` rows per order), next
+  to the sequence's repetition at lags 1..`LAGS` (`lag_matches`), through a
+  GELU layer. It sees directly what a one-layer transformer of width 16
+  sees only faintly: which byte pairs and triples a text uses (code, prose
+  and tables differ there; so do lines reversed) and whether it repeats
+  itself (truncated text repeated, runs of one character), which the bag's
+  mean hides when the repeated piece is itself ordinary text.
   """
 
   ORDERS: ClassVar[tuple[int, ...]] = (2, 3)
+  LAGS: ClassVar[int] = 16
 
   def __init__(self, buckets: int, dim: int, rngs: nnx.Rngs,
                param_dtype: Any = jnp.float32):
@@ -342,13 +355,15 @@ class NgramBag(nnx.Module):
     self.tables = nnx.List([
         nnx.Embed(buckets, dim, param_dtype=param_dtype, rngs=rngs)
         for _ in self.ORDERS])
-    self.hidden = nnx.Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
+    self.hidden = nnx.Linear(dim + self.LAGS, dim, param_dtype=param_dtype,
+                             rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     bag = sum(jnp.mean(table(hashed_ngrams(tokens, order, self.buckets)),
                        axis=1)
               for order, table in zip(self.ORDERS, self.tables))
-    return jax.nn.gelu(self.hidden(bag))
+    repeats = lag_matches(tokens, self.LAGS).astype(bag.dtype)
+    return jax.nn.gelu(self.hidden(jnp.concatenate([bag, repeats], -1)))
 
 
 class SequenceRater(nnx.Module):
@@ -406,7 +421,8 @@ class DataRaterLM(LanguageModelTask):
     rater_preset: the rater trunk's `tasks.lm.model.PRESETS` name (default
       ``"rater"``, far smaller than the inner model).
     rater_ngrams: buckets of each table of the rater's hashed byte bigrams
-      and trigrams (`NgramBag`, next to the trunk); 0 for none.
+      and trigrams (`NgramBag`, next to the trunk, with the sequence's
+      repetition at lags 1-16); 0 for no bag.
     temperature: the softmax temperature of the weights.
   """
   target_path: str = ""
