@@ -72,26 +72,9 @@ def test_outer_batches_come_from_the_target_text(tmp_path):
     assert episode["inner"].max() < 110 and episode["outer"].min() >= 110
 
 
-@pytest.mark.slow  # quick tier: test_online's every strategy online
-def test_mixflow_matches_standard_online(x64):
-  """Through the softmax over the batch and the sequence rater, from
-  carried learners (every strategy's exactness for loss weights online:
-  test_online; for a token rater: test_lm_tasks)."""
-  trainer = _trainer("standard")
-  batches = trainer.train_batches()
-  state = trainer.warm_up(trainer.init_state(), batches)
-  batch = next(batches)
-  eta = jax.tree.map(  # off the zero-initialised score layer
-      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape,
-                                             x.dtype), state.eta)
-  value, grads = trainer.meta_value_and_grad(eta, batch, state.learners)
-  mixflow_value, mixflow_grads = trainer.with_strategy(
-      "mixflow").meta_value_and_grad(
-      eta, batch, state.learners)
-  assert abs(float(mixflow_value - value)) < 1e-12 * abs(float(value))
-  assert P.tree_rel_error(mixflow_grads, grads) < 1e-9
-  for leaf in jax.tree.leaves(grads):  # every part of the rater learns
-    assert float(jnp.max(jnp.abs(leaf))) > 0
+# MixFlow-MG against standard through the softmax over the batch and the
+# sequence rater, from carried learners (and every part of the rater
+# learning): test_online's test_population_on_a_mesh_equals_one_device.
 
 
 @pytest.mark.parametrize("settings, error, match", [

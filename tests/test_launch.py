@@ -101,8 +101,9 @@ def test_outer_clip_and_drawn_lifetimes_reach_the_trainer():
   assert online.program.learning.drawn
 
 
-LM_TASKS = ("lm_learned_lr", "lm_maml", "lm_loss_weighting",
-            "lm_learned_optimizer")
+#: The LM tasks no other test trains from the command line (lm_maml:
+#: test_multiprocess; lm_data_rater: test_curation).
+LM_TASKS = ("lm_learned_lr", "lm_loss_weighting", "lm_learned_optimizer")
 #: Online tasks: short lives (the warm-up staggers the learners over one).
 LM_ONLINE = {"lm_learned_optimizer": ["--config.online.lifetime=2",
                                       "--config.online.lifetime_max=8"]}

@@ -274,19 +274,21 @@ def test_bad_online_settings_are_refused(settings, match):
 @pytest.mark.slow
 @pytest.mark.mesh
 def test_population_on_a_mesh_equals_one_device(x64):
-  """lm_data_rater online on a data=2 x fsdp=2 mesh (the learners' theta
-  and s split over fsdp, the sequences over all four devices): the warm-up
-  and three meta-steps give the same eta and learners as one device. (Whole
-  learners split over the devices like episodes are the episodes' layout,
-  test_sharding.)"""
+  """lm_data_rater online, MixFlow-MG on a data=2 x fsdp=2 mesh (the
+  learners' theta and s split over fsdp, the sequences over all four
+  devices) against standard on one device, through the softmax over the
+  batch and the sequence rater: the warm-up and three meta-steps give the
+  same eta and learners (the strategy's exactness and the sharding's at
+  once), and every part of the rater learns. (Whole learners split over
+  the devices like episodes are the episodes' layout, test_sharding.)"""
   import tasks  # noqa: F401  (registers lm_data_rater)
   from metaflow import sharding
   from metaflow.task import create_task
 
-  def run(device_mesh):
+  def run(strategy, device_mesh):
     trainer = BilevelTrainer(
         create_task("lm_data_rater", preset="nano", seq_len=16, batch_size=4),
-        num_inner_steps=2, num_eval_tasks=2,
+        strategy=strategy, num_inner_steps=2, num_eval_tasks=2,
         online=metaflow.Online(population=2, lifetime=4), mesh=device_mesh)
     batches = trainer.train_batches()
     state = trainer.warm_up(trainer.init_state(), batches)
@@ -294,11 +296,16 @@ def test_population_on_a_mesh_equals_one_device(x64):
       state, _ = trainer.step(state, next(batches))
     return trainer, state
 
-  _, single = run(ONE_DEVICE)
-  trainer, sharded = run(sharding.make_mesh(data=2, fsdp=2,
-                                            devices=jax.devices()[:4]))
+  _, single = run("standard", ONE_DEVICE)
+  trainer, sharded = run("mixflow", sharding.make_mesh(
+      data=2, fsdp=2, devices=jax.devices()[:4]))
   assert P.tree_rel_error(sharded.eta, single.eta) < 1e-9
   assert P.tree_rel_error(sharded.learners, single.learners) < 1e-9
+  initial = trainer.init_state().eta
+  for before, after in zip(jax.tree.leaves(initial),
+                           jax.tree.leaves(sharded.eta)):
+    assert float(jnp.max(jnp.abs(np.asarray(after) - np.asarray(before)))
+                 ) > 0
   embedding = sharded.learners.params["embed"]["embedding"]  # [P, 256, 32]
   assert embedding.sharding.is_equivalent_to(
       trainer.state_shardings.learners.params["embed"]["embedding"], 3)

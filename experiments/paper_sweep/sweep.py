@@ -3,7 +3,7 @@
     python -m experiments.paper_sweep --sweep paper   [--out DIR]
     python -m experiments.paper_sweep --sweep largest [--out DIR]
     python -m experiments.paper_sweep --sweep time    [--out DIR] [--repeats N]
-    python -m experiments.paper_sweep --sweep quick   [--out DIR]  (two points)
+    python -m experiments.paper_sweep --sweep quick   [--out DIR]  (one point)
 
 ``--out`` defaults to ``experiments/paper_sweep`` (where the committed results
 lie). Each sweep appends one JSON line per point to ``OUT/sweep_<name>.jsonl``
@@ -109,10 +109,9 @@ PAPER_PRESETS = tuple(
 PAPER_AXES = {"preset": PAPER_PRESETS, "T": (2, 4, 8), "B": (2, 4, 8),
               "L": (2048, 4096, 8192)}
 PAPER_BASE = {"preset": "chinchilla_57m", "T": 8, "B": 2, "L": 8192}
+#: ``--sweep quick``: the sweep's code path at one nano point, in a minute.
 QUICK_POINTS = ({"task": "lm_loss_weighting", "preset": "nano", "T": 2, "B": 2,
-                 "L": 32},
-                {"task": "lm_loss_weighting", "preset": "nano", "T": 4, "B": 2,
-                 "L": 32})
+                 "L": 32},)
 
 #: The largest-model table (Table 2, extended).
 LARGEST = {"task": "lm_loss_weighting", "L": 2048, "B": 4, "T": (4, 16),
