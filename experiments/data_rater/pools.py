@@ -108,11 +108,6 @@ TEXTS: dict[str, Callable[[], bytes]] = {
     "code": code_text, "prose": prose_text, "structured": structured_text}
 
 
-def _cut(tokens: np.ndarray, length: int) -> np.ndarray:
-  n = tokens.shape[0] // length
-  return tokens[:n * length].reshape(n, length)
-
-
 def corrupt(kind: str, clean: np.ndarray, rng: np.random.Generator
             ) -> np.ndarray:
   """A corruption of kind ``kind`` (`CORRUPTIONS`) of one clean sequence
@@ -165,7 +160,7 @@ def build(out: str, target_kind: str, length: int, pool_bytes: int,
   on = np.frombuffer(texts[target_kind], np.uint8)
   held = on.shape[0] // 10
   target, on = on[-held:], on[:-held]
-  clean = _cut(on[:pool_bytes], length)
+  clean = study.cut(on[:pool_bytes], length)
   others = tuple(k for k in KINDS_OF_TEXT if k != target_kind)
   names = ("clean", *CORRUPTIONS, *(f"off_target:{k}" for k in others))
   total = int(round(clean.shape[0] / (
@@ -179,7 +174,7 @@ def build(out: str, target_kind: str, length: int, pool_bytes: int,
     kinds.append(np.full(n, k))
   for k, kind in enumerate(others, 1 + len(CORRUPTIONS)):
     n = int(round(FRACTIONS["off_target"] * total))
-    off = _cut(np.frombuffer(texts[kind], np.uint8), length)
+    off = study.cut(np.frombuffer(texts[kind], np.uint8), length)
     sequences.append(off[rng.choice(off.shape[0], n, replace=False)])
     kinds.append(np.full(n, k))
   sequences, kinds = np.concatenate(sequences), np.concatenate(kinds)

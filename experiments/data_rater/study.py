@@ -126,7 +126,9 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   return fv  # --keep and --shakespeare: checked by `run` / `run_pools`.
 
 
-def _cut(tokens: np.ndarray, length: int) -> np.ndarray:
+def cut(tokens: np.ndarray, length: int) -> np.ndarray:
+  """uint8 ``[M]`` -> ``[M // length, length]``: consecutive sequences (the
+  last partial one dropped)."""
   n = tokens.shape[0] // length
   return tokens[:n * length].reshape(n, length)
 
@@ -140,7 +142,7 @@ def build_pool(out: str, on_target: bytes, off_target: bytes, length: int,
   on = np.frombuffer(on_target, np.uint8)
   held = on.shape[0] // 10
   target, on = on[-held:], on[:-held]
-  clean = _cut(on[:pool_bytes], length)
+  clean = cut(on[:pool_bytes], length)
   n = clean.shape[0]
   corrupt = rng.permutation(n)[:n // 4]
   kinds = np.zeros(n, np.int64)
@@ -154,7 +156,7 @@ def build_pool(out: str, on_target: bytes, off_target: bytes, length: int,
       sequences[i] = rng.permutation(clean[i])
     else:
       sequences[i] = rng.choice(clean[i])
-  off = _cut(np.frombuffer(off_target, np.uint8), length)
+  off = cut(np.frombuffer(off_target, np.uint8), length)
   off = off[rng.permutation(off.shape[0])[:corrupt.shape[0]]]
   sequences = np.concatenate([sequences, off])
   kinds = np.concatenate([kinds, np.full(off.shape[0], 4)])
