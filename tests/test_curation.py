@@ -8,6 +8,7 @@ arguments are one line."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import types
@@ -235,6 +236,11 @@ def test_shard_files_deal_whole_files_out_by_size():
   assert curate.shard_path("d/scores.jsonl", 1, 4) == (
       "d/scores-00001-of-00004.jsonl")
   assert curate.shard_path("scores", 0, 2) == "scores-00000-of-00002"
+
+
+def test_malloc_arenas_are_capped_where_the_c_library_is_glibc():
+  # launch.curate's peak memory grew with the corpus without the cap.
+  assert curate.limit_malloc_arenas() == (platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -209,3 +209,43 @@ def test_generalisation_pools_hold_every_kind_in_its_fraction(tmp_path):
     assert open(again[0], "rb").read() == open(pool, "rb").read()
   with pytest.raises(ValueError, match="unknown kind of text 'poetry'"):
     pools.build(str(tmp_path), "poetry", length, 8_000, 0, texts)
+
+
+@pytest.mark.slow
+def test_refiltering_with_perfect_scores_keeps_exactly_the_clean_text(
+    tmp_path):
+  """The study's ``--pools ... --refilter`` (step 4 again from a pool and
+  its saved scores, no meta-training) at the tiny size, on a structured
+  pool whose saved scores rank every clean sequence first: a keep of the
+  clean share keeps all of it and nothing else, that subset beats the whole
+  pool on the target, and the summary and its plot are written."""
+  import json
+
+  from experiments.data_rater import pools, study
+  out = tmp_path / "pools" / "structured"
+  settings = {**study.default_settings(), **study.TINY}
+  settings["task"] = {**study.default_settings()["task"],
+                      **study.TINY["task"]}
+  _, _, kinds, names = pools.build(
+      str(out), "structured", settings["task"]["seq_len"] + 1,
+      settings["pool_bytes"], 0)
+  rng = np.random.default_rng(0)
+  scores = {name: (rng.uniform(size=int(np.sum(kinds == k)))
+                   + (2.0 if name == "clean" else 0.0)).tolist()
+            for k, name in enumerate(names)}
+  with open(out / "data_rater.json", "w") as f:
+    json.dump({"settings": settings, "seed": 0, "scores": scores,
+               "roc_auc": {name: 1.0 for name in names[1:]},
+               "meta_training": {"seconds": 0.0}, "tokens_per_step": 1}, f)
+  keep = float(np.mean(kinds == 0))
+  assert study.main(["--pools", "structured", "--refilter", "--keep",
+                     repr(keep), "--out", str(tmp_path)]) == 0
+  summary = json.load(open(tmp_path / "generalisation.json"))
+  row = summary["pools"]["structured"]["by_keep"][f"{keep:g}"]
+  assert row["kept_fraction_by_kind"] == {
+      name: float(name == "clean") for name in names}
+  loss = row["final_target_loss"]
+  assert loss["rater filtered"] < loss["whole pool"]
+  assert (tmp_path / "generalisation.png").is_file()
+  result = json.load(open(out / "data_rater.json"))
+  assert len(result["by_keep"][f"{keep:g}"]["curves"]["whole pool"]) > 2

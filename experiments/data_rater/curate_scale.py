@@ -16,8 +16,10 @@ and a run killed halfway and resumed.
    vocabulary of 512, 12 per line; deterministic; written in chunks) is
    curated by ``python -m launch.curate ... --keep 0.5`` in a subprocess,
    measuring its peak resident memory (``ru_maxrss`` of that process, from
-   ``os.wait4``), its wall time and its scoring rate (sequences per second,
-   from curate's own progress line: the scoring loop only).
+   ``os.wait4``), the median of its resident memory sampled every half
+   second (the peak is one instant, and moves by tens of MB between runs of
+   the same corpus), its wall time and its scoring rate (sequences per
+   second, from curate's own progress line: the scoring loop only).
 3. On the small corpus, a second curate is killed (SIGKILL) half a record
    interval after its progress record passes half the sequences (so its
    outputs hold batches past the record), then rerun with the same command:
@@ -54,6 +56,8 @@ from launch.curate import RECORD_SECONDS
 
 #: Bytes written per chunk of the corpus.
 CHUNK_BYTES = 1 << 24
+#: Seconds between two samples of the curate's resident memory.
+SAMPLE_SECONDS = 0.5
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
@@ -116,19 +120,39 @@ def write_corpus(folder: str, total_bytes: int, files: int,
 
 def run_measured(argv: Sequence[str], log: str) -> dict:
   """Runs ``argv`` (stdout and stderr to ``log``) and returns its exit
-  status, wall seconds, peak resident memory (MB: its own ``ru_maxrss``)
-  and output."""
+  status, wall seconds, peak resident memory (MB: its own ``ru_maxrss``),
+  the median of its resident memory sampled every `SAMPLE_SECONDS` (MB,
+  from ``/proc``; None elsewhere than Linux) and output."""
   began = time.monotonic()
+  samples = []
   with open(log, "w") as f:
     proc = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT,
                             cwd=_cli.REPO_ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    while True:
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
+      samples.extend(_resident_kb(proc.pid))
+      time.sleep(SAMPLE_SECONDS)
   proc.returncode = os.waitstatus_to_exitcode(status)
   with open(log) as f:
     output = f.read()
   return {"returncode": proc.returncode,
           "seconds": time.monotonic() - began,
-          "peak_rss_mb": usage.ru_maxrss / 1024, "output": output}
+          "peak_rss_mb": usage.ru_maxrss / 1024,
+          "median_rss_mb": (float(np.median(samples)) / 1024 if samples
+                            else None),
+          "output": output}
+
+
+def _resident_kb(pid: int) -> list[int]:
+  """``[VmRSS]`` of a process in kB, or ``[]`` (no ``/proc``, or gone)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return [int(line.split()[1]) for line in f
+              if line.startswith("VmRSS:")]
+  except OSError:
+    return []
 
 
 def curate_argv(workdir: str, paths: Sequence[str], out: str,
@@ -187,6 +211,8 @@ def measure(workdir: str, paths: Sequence[str], folder: str,
   return {"bytes": sum(os.path.getsize(p) for p in paths),
           "files": len(paths), "sequences": sequences,
           "peak_rss_mb": round(result["peak_rss_mb"], 1),
+          "median_rss_mb": (None if result["median_rss_mb"] is None
+                            else round(result["median_rss_mb"], 1)),
           "wall_seconds": round(result["seconds"], 1),
           "sequences_per_second": scoring_rate(result["output"]),
           "outputs": digests(folder)}
@@ -271,7 +297,8 @@ def run(args: flags.FlagValues, scratch: str) -> dict:
     row = {"gigabytes": gigabytes, **measure(
         workdir, paths, os.path.join(scratch, f"curated_{gigabytes:g}GB"),
         args.batch_size)}
-    print(f"  {row['sequences']} sequences: peak RSS {row['peak_rss_mb']} MB,"
+    print(f"  {row['sequences']} sequences: peak RSS {row['peak_rss_mb']} MB"
+          f" (median {row['median_rss_mb']} MB),"
           f" {row['sequences_per_second']:.0f} sequences/s scoring, "
           f"{row['wall_seconds']} s in all", flush=True)
     if gigabytes == args.small_gigabytes:
@@ -292,6 +319,10 @@ def run(args: flags.FlagValues, scratch: str) -> dict:
     shutil.rmtree(corpus)
   rss = [row["peak_rss_mb"] for row in result["sizes"]]
   result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
+  median = [row["median_rss_mb"] for row in result["sizes"]]
+  if None not in median:
+    result["median_rss_ratio_largest_to_smallest"] = round(
+        median[-1] / median[0], 3)
   return result
 
 
