@@ -18,8 +18,11 @@ and a run killed halfway and resumed.
    measuring its peak resident memory (``ru_maxrss`` of that process, from
    ``os.wait4``), the median of its resident memory sampled every half
    second (the peak is one instant, and moves by tens of MB between runs of
-   the same corpus), its wall time and its scoring rate (sequences per
-   second, from curate's own progress line: the scoring loop only).
+   the same corpus; the samples are kept, drawn against time in
+   ``curate_scale.png``, and the largest corpus's highest sample over the
+   smallest run's length is reported beside the smallest's), its wall
+   time and its scoring rate (sequences per second, from curate's own
+   progress line: the scoring loop only).
 3. On the small corpus, a second curate is killed (SIGKILL) half a record
    interval after its progress record passes half the sequences (so its
    outputs hold batches past the record), then rerun with the same command:
@@ -29,9 +32,10 @@ and a run killed halfway and resumed.
    sequences the killed run had flushed past its last record (those are
    scored again).
 
-Writes ``OUT/curate_scale.json``. The corpora and outputs go to a temporary
-folder (in ``--tmp_dir``; about 3 times the corpus size on disk at the
-largest), deleted at the end unless ``--keep_data``.
+Writes ``OUT/curate_scale.json`` and, with matplotlib, ``curate_scale.png``.
+The corpora and outputs go to a temporary folder (in ``--tmp_dir``; about 3
+times the corpus size on disk at the largest), deleted at the end unless
+``--keep_data``.
 """
 
 from __future__ import annotations
@@ -121,8 +125,8 @@ def write_corpus(folder: str, total_bytes: int, files: int,
 def run_measured(argv: Sequence[str], log: str) -> dict:
   """Runs ``argv`` (stdout and stderr to ``log``) and returns its exit
   status, wall seconds, peak resident memory (MB: its own ``ru_maxrss``),
-  the median of its resident memory sampled every `SAMPLE_SECONDS` (MB,
-  from ``/proc``; None elsewhere than Linux) and output."""
+  its resident memory sampled every `SAMPLE_SECONDS` (``rss_mb``: a list
+  in MB, from ``/proc``; empty elsewhere than Linux) and output."""
   began = time.monotonic()
   samples = []
   with open(log, "w") as f:
@@ -140,9 +144,7 @@ def run_measured(argv: Sequence[str], log: str) -> dict:
   return {"returncode": proc.returncode,
           "seconds": time.monotonic() - began,
           "peak_rss_mb": usage.ru_maxrss / 1024,
-          "median_rss_mb": (float(np.median(samples)) / 1024 if samples
-                            else None),
-          "output": output}
+          "rss_mb": [kb / 1024 for kb in samples], "output": output}
 
 
 def _resident_kb(pid: int) -> list[int]:
@@ -208,11 +210,12 @@ def measure(workdir: str, paths: Sequence[str], folder: str,
                     "launch.curate")
   with open(out + ".progress.json") as f:
     sequences = sum(json.load(f)["counts"])
+  rss = result["rss_mb"]
   return {"bytes": sum(os.path.getsize(p) for p in paths),
           "files": len(paths), "sequences": sequences,
           "peak_rss_mb": round(result["peak_rss_mb"], 1),
-          "median_rss_mb": (None if result["median_rss_mb"] is None
-                            else round(result["median_rss_mb"], 1)),
+          "median_rss_mb": round(float(np.median(rss)), 1) if rss else None,
+          "rss_mb_samples": [round(x, 1) for x in rss],
           "wall_seconds": round(result["seconds"], 1),
           "sequences_per_second": scoring_rate(result["output"]),
           "outputs": digests(folder)}
@@ -317,13 +320,42 @@ def run(args: flags.FlagValues, scratch: str) -> dict:
     del row["outputs"]
     result["sizes"].append(row)
     shutil.rmtree(corpus)
-  rss = [row["peak_rss_mb"] for row in result["sizes"]]
-  result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
-  median = [row["median_rss_mb"] for row in result["sizes"]]
-  if None not in median:
-    result["median_rss_ratio_largest_to_smallest"] = round(
-        median[-1] / median[0], 3)
+  result.update(memory_summary(result["sizes"]))
   return result
+
+
+def memory_summary(rows: Sequence[dict]) -> dict:
+  """The largest corpus's memory against the smallest's: the ratios of
+  their peaks and medians, and the largest's sampled peak over the first
+  as many samples as the smallest run took (the same length of run: the
+  peak of a longer run is the highest of more samples)."""
+  small, large = rows[0], rows[-1]
+  summary = {"peak_rss_ratio_largest_to_smallest": round(
+      large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
+  if small["rss_mb_samples"] and large["rss_mb_samples"]:
+    summary["median_rss_ratio_largest_to_smallest"] = round(
+        large["median_rss_mb"] / small["median_rss_mb"], 3)
+    first = large["rss_mb_samples"][:len(small["rss_mb_samples"])]
+    summary["sampled_peak_mb_over_the_smallest_runs_length"] = {
+        "smallest": max(small["rss_mb_samples"]), "largest": max(first)}
+  return summary
+
+
+def plot(rows: Sequence[dict], plt):
+  """Resident memory against time, one line per corpus size."""
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for row in rows:
+    rss = row["rss_mb_samples"]
+    ax.plot(np.arange(len(rss)) * SAMPLE_SECONDS, rss, lw=0.8,
+            label=f"{row['gigabytes']:g} GB ({row['sequences']:,} sequences;"
+                  f" peak {row['peak_rss_mb']:.0f} MB)")
+  ax.set_xlabel("seconds since launch.curate started")
+  ax.set_ylabel("resident memory (MB)")
+  ax.set_ylim(bottom=0)
+  ax.legend(loc="lower right", fontsize=8)
+  ax.set_title("launch.curate --keep 0.5, sampled every "
+               f"{SAMPLE_SECONDS:g} s", fontsize=9)
+  return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -348,6 +380,10 @@ def _main(argv: Sequence[str]) -> int:
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {path}")
+  if result["sizes"][0]["rss_mb_samples"]:
+    from launch.benchmark import save_plot
+    save_plot(result["sizes"], plot,
+              os.path.join(args.out, "curate_scale.png"))
   return 0
 
 
